@@ -1,0 +1,1 @@
+"""The data owner's side: CLI `data-owner` (and, later, its gRPC client)."""

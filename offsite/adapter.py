@@ -1,0 +1,216 @@
+"""Adapter artefact: trained adapter blocks keyed by the full model's parameter names."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from transformers import PreTrainedModel
+
+from offsite import __version__
+from offsite.architectures import block_prefix, get_blocks
+from offsite.atomic import atomic_directory, write_json_atomic
+from offsite.bundle import Bundle
+from offsite.errors import OffsiteError, VerificationError
+from offsite.manifest import check_files, field, hash_files, read_manifest
+from offsite.tensorcheck import TensorSpec, check_spec, load_checked, spec_of
+
+ADAPTER_FORMAT = "offsite-tuning/adapter"
+ADAPTER_FORMAT_VERSION = 1
+ADAPTER_MANIFEST = "adapter_manifest.json"
+ADAPTER_SIGNATURE = "adapter_manifest.sig"
+WEIGHTS_NAME = "adapter.safetensors"
+NOT_HASHED = (ADAPTER_MANIFEST, ADAPTER_SIGNATURE)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter directory whose manifest has been read and whose file hashes have been checked."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def blocks(self) -> list[int]:
+        return list(self.manifest["adapter_blocks"])
+
+    @property
+    def spec(self) -> TensorSpec:
+        return {k: (v["dtype"], tuple(v["shape"])) for k, v in self.manifest["tensors"].items()}
+
+
+def remap_blocks(
+    state: dict[str, torch.Tensor], prefix: str, mapping: dict[int, int]
+) -> dict[str, torch.Tensor]:
+    """Rename '<prefix>.<i>.rest' to '<prefix>.<mapping[i]>.rest'; keys outside `mapping` are an error."""
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$")
+    out = {}
+    for key, value in state.items():
+        m = pattern.match(key)
+        if not m or int(m.group(1)) not in mapping:
+            raise VerificationError(f"tensor {key} is not in an adapter block")
+        out[f"{prefix}.{mapping[int(m.group(1))]}.{m.group(2)}"] = value
+    return out
+
+
+def block_parameters(model: PreTrainedModel, positions: list[int]) -> dict[str, torch.Tensor]:
+    """Parameters of the blocks at `positions`, keyed by the model's own parameter names."""
+    prefix = block_prefix(model.config.model_type)
+    blocks = get_blocks(model)
+    return {
+        f"{prefix}.{i}.{name}": p for i in positions for name, p in blocks[i].named_parameters()
+    }
+
+
+def extract_adapter(emulator: PreTrainedModel, bundle: Bundle) -> dict[str, torch.Tensor]:
+    """The emulator's adapter blocks, renamed to the full model's parameter names."""
+    prefix = bundle.manifest["base_model"]["block_prefix"]
+    state = block_parameters(emulator, bundle.adapter_positions)
+    mapping = {b["index"]: b["source"] for b in bundle.manifest["blocks"] if b["role"] == "adapter"}
+    return {
+        k: v.detach().cpu().contiguous() for k, v in remap_blocks(state, prefix, mapping).items()
+    }
+
+
+def save_adapter(
+    state: dict[str, torch.Tensor],
+    bundle: Bundle,
+    out: str | Path,
+    *,
+    training: dict,
+    overwrite: bool = False,
+) -> Adapter:
+    """Write adapter weights and a manifest naming the bundle they were trained from, atomically."""
+    manifest = {
+        "format": ADAPTER_FORMAT,
+        "format_version": ADAPTER_FORMAT_VERSION,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "offsite_version": __version__,
+        "bundle_id": bundle.bundle_id,
+        "base_fingerprint": bundle.base_fingerprint,
+        "model_type": bundle.manifest["base_model"]["model_type"],
+        "block_prefix": bundle.manifest["base_model"]["block_prefix"],
+        "adapter_blocks": bundle.adapter_sources,
+        "tensors": {k: {"dtype": d, "shape": list(s)} for k, (d, s) in spec_of(state).items()},
+        "training": training,
+    }
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        manifest["files"] = hash_files(tmp, NOT_HASHED)
+        write_json_atomic(tmp / ADAPTER_MANIFEST, manifest)
+    return open_adapter(out)
+
+
+def open_adapter(path: str | Path) -> Adapter:
+    """Read an adapter manifest and check its file hashes."""
+    path = Path(path)
+    if not path.is_dir():
+        raise OffsiteError(f"{path}: adapter directory not found")
+    mpath = path / ADAPTER_MANIFEST
+    data = read_manifest(mpath, ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION)
+    for key, typ in (
+        ("bundle_id", str),
+        ("base_fingerprint", str),
+        ("block_prefix", str),
+        ("adapter_blocks", list),
+        ("tensors", dict),
+    ):
+        field(data, key, typ, mpath)
+    for name, t in data["tensors"].items():
+        if (
+            not isinstance(t, dict)
+            or not isinstance(t.get("dtype"), str)
+            or not isinstance(t.get("shape"), list)
+        ):
+            raise VerificationError(f"{mpath}: tensors[{name!r}] needs 'dtype' and 'shape'")
+    files = field(data, "files", dict, mpath)
+    if WEIGHTS_NAME not in files:
+        raise VerificationError(f"{mpath}: 'files' does not list {WEIGHTS_NAME}")
+    check_files(path, files, NOT_HASHED)
+    return Adapter(path, data)
+
+
+def expected_spec(full_model: PreTrainedModel, blocks: list[int]) -> TensorSpec:
+    """What an adapter for `blocks` of this full model must contain."""
+    return spec_of(block_parameters(full_model, blocks))
+
+
+def verify_adapter(
+    adapter: Adapter, full_model: PreTrainedModel, fingerprint: str, *, bundle_id: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Check the adapter belongs to this model (fingerprint, key set, shapes, dtypes, finite values) and load it."""
+    m = adapter.manifest
+    if m["base_fingerprint"] != fingerprint:
+        raise VerificationError(
+            f"{adapter.path}: adapter was trained for base model {m['base_fingerprint'][:19]}…, "
+            f"not this one ({fingerprint[:19]}…); merge it into the model its bundle was made from"
+        )
+    if bundle_id is not None and m["bundle_id"] != bundle_id:
+        raise VerificationError(
+            f"{adapter.path}: adapter was trained from bundle {m['bundle_id'][:19]}…, not {bundle_id[:19]}…"
+        )
+    if m["block_prefix"] != block_prefix(full_model.config.model_type):
+        raise VerificationError(
+            f"{adapter.path}: block_prefix {m['block_prefix']!r} does not match this model"
+        )
+    nblocks = len(get_blocks(full_model))
+    blocks = m["adapter_blocks"]
+    if not blocks or any(not isinstance(b, int) or not 0 <= b < nblocks for b in blocks):
+        raise VerificationError(
+            f"{adapter.path}: adapter_blocks {blocks} out of range for a {nblocks}-block model"
+        )
+    expected = expected_spec(full_model, blocks)
+    check_spec(str(adapter.path / ADAPTER_MANIFEST), adapter.spec, expected)
+    return load_checked(adapter.path / WEIGHTS_NAME, expected)
+
+
+@torch.no_grad()
+def plug_adapter(
+    model: PreTrainedModel,
+    state: dict[str, torch.Tensor],
+    *,
+    positions: dict[int, int] | None = None,
+) -> None:
+    """Copy adapter tensors into `model` in place; `positions` maps full-model block -> model block."""
+    prefix = block_prefix(model.config.model_type)
+    if positions is not None:
+        state = remap_blocks(state, prefix, positions)
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        if name not in params:
+            raise VerificationError(f"tensor {name} has no matching parameter in the model")
+        target = params[name]
+        if target.shape != value.shape:
+            raise VerificationError(
+                f"tensor {name} has shape {list(value.shape)}, model expects {list(target.shape)}"
+            )
+        target.copy_(value.to(target.dtype))
+
+
+def plug_into_emulator(emulator: PreTrainedModel, bundle: Bundle, adapter: Adapter) -> None:
+    """Load a (verified) adapter into a bundle's emulator, e.g. to evaluate emulator fine-tuned."""
+    if adapter.manifest["bundle_id"] != bundle.bundle_id:
+        raise VerificationError(
+            f"{adapter.path}: adapter was not trained from bundle {bundle.path}"
+        )
+    expected = spec_of(extract_adapter(emulator, bundle))
+    check_spec(str(adapter.path / ADAPTER_MANIFEST), adapter.spec, expected)
+    state = load_checked(adapter.path / WEIGHTS_NAME, expected)
+    mapping = {b["source"]: b["index"] for b in bundle.manifest["blocks"] if b["role"] == "adapter"}
+    plug_adapter(emulator, state, positions=mapping)
+
+
+def save_merged(
+    model: PreTrainedModel, tokenizer, out: str | Path, *, overwrite: bool = False
+) -> Path:
+    """Write a plain Hugging Face model directory (safetensors + config + tokenizer), atomically."""
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out)

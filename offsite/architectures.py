@@ -1,0 +1,136 @@
+"""Architecture registry: everything that differs between model families, as data.
+
+No other module knows model families. Each entry says where the transformer block list lives,
+which config attribute holds the depth, which config lists have one entry per block (and must be
+sliced when blocks are dropped), and which config settings make a block depend on its absolute
+position in a way that renumbering cannot preserve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from offsite.errors import OffsiteError
+
+# Attribute that attention modules use to find their slot in the KV cache.
+LAYER_INDEX_ATTR = "layer_idx"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """How one `config.model_type` lays out its blocks."""
+
+    blocks: str
+    depth_attr: str = "num_hidden_layers"
+    per_layer_lists: tuple[str, ...] = ("layer_types",)
+    # config attribute -> value under which a dropped/renumbered block would change behaviour
+    position_dependent: dict[str, object] = field(default_factory=dict)
+
+
+_DECODER = ArchSpec(blocks="model.layers")
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "qwen3": _DECODER,
+    "gemma": _DECODER,
+    "gemma2": _DECODER,
+    "gemma3_text": _DECODER,
+    "phi3": _DECODER,
+    "opt": ArchSpec(blocks="model.decoder.layers"),
+    "gpt2": ArchSpec(
+        blocks="transformer.h",
+        depth_attr="n_layer",
+        position_dependent={"scale_attn_by_inverse_layer_idx": True},
+    ),
+    "gpt_neox": ArchSpec(blocks="gpt_neox.layers"),
+    "bloom": ArchSpec(blocks="transformer.h", depth_attr="n_layer"),
+    "falcon": ArchSpec(blocks="transformer.h"),
+    "gptj": ArchSpec(blocks="transformer.h", depth_attr="n_layer"),
+}
+
+
+def supported_model_types() -> list[str]:
+    """Sorted names of the registered `config.model_type` values."""
+    return sorted(ARCHITECTURES)
+
+
+def arch_spec(model_type: str) -> ArchSpec:
+    """The registry entry for `model_type`, or a clear error listing the supported ones."""
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise OffsiteError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
+        ) from None
+
+
+def check_position_independent(config) -> None:
+    """Refuse configs whose blocks depend on their absolute index (dropping would change them)."""
+    spec = arch_spec(config.model_type)
+    for attr, bad in spec.position_dependent.items():
+        if getattr(config, attr, None) == bad:
+            raise OffsiteError(
+                f"config.{attr}={bad!r} makes each {config.model_type} block depend on its depth, "
+                "so an emulator cannot drop blocks without changing them; this model is not supported"
+            )
+
+
+def get_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's transformer block list."""
+    spec = arch_spec(model.config.model_type)
+    try:
+        blocks = model.get_submodule(spec.blocks)
+    except AttributeError:
+        raise OffsiteError(
+            f"{type(model).__name__} has no block list at {spec.blocks!r}; "
+            "load it as a causal LM (AutoModelForCausalLM)"
+        ) from None
+    if not isinstance(blocks, nn.ModuleList):
+        raise OffsiteError(f"{type(model).__name__}.{spec.blocks} is not a ModuleList")
+    return blocks
+
+
+def block_prefix(model_type: str) -> str:
+    """State-dict prefix of the block list, e.g. 'model.layers'."""
+    return arch_spec(model_type).blocks
+
+
+def num_blocks(config) -> int:
+    """Depth of the model described by `config`."""
+    return int(getattr(config, arch_spec(config.model_type).depth_attr))
+
+
+def set_blocks(model: nn.Module, kept: list[int]) -> None:
+    """Keep only the blocks at indices `kept` (in that order), renumbered 0..len-1, in place.
+
+    Updates the depth, every per-layer config list, and each attention module's cache index so
+    that the KV cache and `generate()` keep working.
+    """
+    spec = arch_spec(model.config.model_type)
+    old = get_blocks(model)
+    new = nn.ModuleList([old[i] for i in kept])
+    parent_name, _, attr = spec.blocks.rpartition(".")
+    setattr(model.get_submodule(parent_name), attr, new)
+    for new_index, block in enumerate(new):
+        for module in block.modules():
+            if hasattr(module, LAYER_INDEX_ATTR):
+                setattr(module, LAYER_INDEX_ATTR, new_index)
+    _slice_config(model.config, spec, kept)
+
+
+def _slice_config(config, spec: ArchSpec, kept: list[int]) -> None:
+    depth = int(getattr(config, spec.depth_attr))
+    for name in spec.per_layer_lists:
+        values = getattr(config, name, None)
+        if values is None:
+            continue
+        if len(values) != depth:
+            raise OffsiteError(
+                f"config.{name} has {len(values)} entries but the model has {depth} blocks"
+            )
+        setattr(config, name, [values[i] for i in kept])
+    setattr(config, spec.depth_attr, len(kept))

@@ -1,0 +1,79 @@
+"""Perplexity: exp of the mean next-token negative log-likelihood over every labelled token."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from offsite.data import IGNORE_INDEX, TokenData, collate, load_data, pad_id_of
+
+
+def batch_nll(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL and the number of tokens it covers (labels shifted by one)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        targets.flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return nll, (targets != IGNORE_INDEX).sum()
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    data: TokenData,
+    *,
+    batch_size: int = 4,
+    pad_id: int = 0,
+    device: torch.device | str | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, float | int]:
+    """Perplexity of `model` on `data`, as a JSON-ready dict."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(data), batch_size):
+        batch = collate(data.examples[start : start + batch_size], pad_id)
+        nll, n = batch_nll(model, {k: v.to(device) for k, v in batch.items()})
+        total += float(nll)
+        count += int(n)
+        if on_batch:
+            on_batch(len(batch["input_ids"]))
+    model.train(was_training)
+    mean = total / max(count, 1)
+    return {
+        "perplexity": math.exp(mean),
+        "nll_per_token": mean,
+        "tokens": count,
+        "sequences": len(data),
+    }
+
+
+def perplexity_on_file(
+    model: nn.Module,
+    tokenizer,
+    path,
+    *,
+    block_size: int = 512,
+    batch_size: int = 4,
+    max_sequences: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict:
+    """Perplexity on a .txt/.jsonl file (same tokenisation and packing as training)."""
+    data = load_data(path, tokenizer, block_size)
+    if max_sequences is not None:
+        data = TokenData(data.examples[:max_sequences], data.source, data.sha256, data.mode)
+    result = perplexity(
+        model, data, batch_size=batch_size, pad_id=pad_id_of(tokenizer), on_batch=on_batch
+    )
+    return {**result, "data": str(path), "block_size": block_size}

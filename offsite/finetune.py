@@ -1,0 +1,82 @@
+"""Data-owner fine-tuning: train only the bundle's adapter blocks, then write the adapter artefact."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedModel
+
+from offsite.adapter import Adapter, block_parameters, extract_adapter, save_adapter
+from offsite.atomic import check_output_dir
+from offsite.bundle import Bundle, check_bundle_model
+from offsite.data import load_data, pad_id_of, split_validation
+from offsite.training import StepInfo, TrainConfig, make_accelerator, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    """What to fine-tune on, and where the adapter and checkpoints go."""
+
+    data: Path
+    out: Path
+    block_size: int = 512
+    val_fraction: float = 0.1
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    overwrite: bool = False
+    keep_checkpoints: bool = False
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.checkpoint_dir or self.out.with_name(self.out.name + ".ckpt")
+
+
+def freeze_except_adapter(model: PreTrainedModel, bundle: Bundle) -> int:
+    """Freeze everything but the adapter blocks; returns the number of trainable parameters."""
+    model.requires_grad_(False)
+    trainable = block_parameters(model, bundle.adapter_positions)
+    for p in trainable.values():
+        p.requires_grad_(True)
+    return sum(p.numel() for p in trainable.values())
+
+
+def finetune_bundle(
+    bundle: Bundle,
+    job: FinetuneJob,
+    cfg: TrainConfig,
+    *,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> Adapter | None:
+    """Fine-tune the adapter of a verified bundle on local data; returns the adapter (main process)."""
+    check_output_dir(job.out, job.overwrite)  # fail before hours of training, not after
+    acc = make_accelerator(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(bundle.path)
+    data = load_data(job.data, tokenizer, job.block_size)
+    train_data, val_data = split_validation(data, job.val_fraction, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = bundle.load_model(dtype=torch.float32)
+    check_bundle_model(bundle, model)
+    n_trainable = freeze_except_adapter(model, bundle)
+    log.info("training %d adapter parameters on %d examples", n_trainable, len(train_data))
+    summary = train(
+        model, train_data, cfg, pad_id=pad_id_of(tokenizer), val_data=val_data,
+        checkpoint_dir=job.checkpoints, resume=job.resume, on_step=on_step, accelerator=acc,
+        run_key={"bundle_id": bundle.bundle_id, "block_size": job.block_size, "val_fraction": job.val_fraction},
+    )  # fmt: skip
+    if not acc.is_main_process:
+        return None
+    summary.update(
+        trainable_parameters=n_trainable, block_size=job.block_size, data_file=job.data.name
+    )
+    state = extract_adapter(acc.unwrap_model(model), bundle)
+    adapter = save_adapter(state, bundle, job.out, training=summary, overwrite=job.overwrite)
+    if not job.keep_checkpoints:
+        shutil.rmtree(job.checkpoints, ignore_errors=True)
+    return adapter

@@ -1,0 +1,76 @@
+"""Checks on received safetensors files: header, exact key set, shapes, dtypes, finite values."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from offsite.errors import VerificationError
+
+TensorSpec = dict[str, tuple[str, tuple[int, ...]]]  # name -> (dtype name, shape)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32."""
+    return str(dtype).removeprefix("torch.")
+
+
+def spec_of(state: dict[str, torch.Tensor]) -> TensorSpec:
+    """The (dtype, shape) of each tensor."""
+    return {k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in state.items()}
+
+
+def _preview(names: set[str]) -> str:
+    items = sorted(names)
+    return ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+
+
+def check_spec(where: str, actual: TensorSpec, expected: TensorSpec) -> None:
+    """Raise unless the key set, dtypes and shapes match exactly."""
+    missing, extra = set(expected) - set(actual), set(actual) - set(expected)
+    if missing:
+        raise VerificationError(f"{where}: missing tensors {_preview(missing)}")
+    if extra:
+        raise VerificationError(f"{where}: unexpected tensors {_preview(extra)}")
+    for name, (dtype, shape) in expected.items():
+        got_dtype, got_shape = actual[name]
+        if tuple(got_shape) != tuple(shape):
+            raise VerificationError(
+                f"{where}: tensor {name} has shape {list(got_shape)}, expected {list(shape)}"
+            )
+        if got_dtype != dtype:
+            raise VerificationError(
+                f"{where}: tensor {name} has dtype {got_dtype}, expected {dtype}"
+            )
+
+
+def load_checked(path: str | os.PathLike, expected: TensorSpec) -> dict[str, torch.Tensor]:
+    """Load a safetensors file after checking its header against `expected`, then check values are finite."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            actual = {}
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                sl = f.get_slice(name)
+                actual[name] = (_st_dtype(sl.get_dtype()), tuple(sl.get_shape()))
+            check_spec(str(path), actual, expected)
+            tensors = {name: f.get_tensor(name) for name in expected}
+    except (SafetensorError, OSError) as e:
+        raise VerificationError(f"{path}: not a valid safetensors file ({e})") from None
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise VerificationError(f"{path}: tensor {name} contains NaN or Inf values")
+    return tensors
+
+
+_ST_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}  # fmt: skip
+
+
+def _st_dtype(code: str) -> str:
+    return _ST_DTYPES.get(code, code.lower())

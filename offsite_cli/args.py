@@ -1,0 +1,152 @@
+"""Argument groups used by more than one command, and their conversion to library configs."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from offsite.errors import OffsiteError
+from offsite.training import PRECISIONS, SCHEDULES, TrainConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """'0,1,28,29' -> (0, 1, 28, 29)."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of block indices"
+        ) from None
+
+
+def add_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="weights dtype to load (default float32)",
+    )
+
+
+def dtype_of(args: argparse.Namespace) -> torch.dtype:
+    return DTYPES[args.dtype]
+
+
+def add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="held-out .txt or .jsonl")
+    p.add_argument(
+        "--block-size", type=int, default=512, help="tokens per evaluated sequence (default 512)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=4, help="sequences per forward pass (default 4)"
+    )
+    p.add_argument(
+        "--max-sequences", type=int, default=None, help="evaluate only the first N sequences"
+    )
+
+
+def add_training(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    g = p.add_argument_group("training")
+    g.add_argument(
+        "--epochs", type=int, default=d.epochs, help=f"passes over the data (default {d.epochs})"
+    )
+    g.add_argument(
+        "--max-steps", type=int, default=None, help="optimizer steps; overrides --epochs"
+    )
+    g.add_argument(
+        "--learning-rate",
+        "--lr",
+        type=float,
+        default=d.learning_rate,
+        help=f"peak learning rate (default {d.learning_rate})",
+    )
+    g.add_argument(
+        "--lr-scheduler",
+        choices=SCHEDULES,
+        default=d.lr_scheduler,
+        help=f"schedule (default {d.lr_scheduler})",
+    )
+    g.add_argument(
+        "--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps (default 0)"
+    )
+    g.add_argument(
+        "--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)"
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"sequences per process per micro-step (default {d.batch_size})",
+    )
+    g.add_argument(
+        "--grad-accum",
+        type=int,
+        default=d.grad_accum,
+        help="micro-steps per optimizer step (default 1)",
+    )
+    g.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=d.max_grad_norm,
+        help="gradient clipping, 0 = off (default 1.0)",
+    )
+    g.add_argument(
+        "--block-size", type=int, default=512, help="tokens per training sequence (default 512)"
+    )
+    g.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="share of sequences held out for validation (default 0.1)",
+    )
+    g.add_argument(
+        "--seed", type=int, default=d.seed, help=f"data order and init seed (default {d.seed})"
+    )
+    g.add_argument(
+        "--mixed-precision",
+        choices=PRECISIONS,
+        default=d.mixed_precision,
+        help="bf16/fp16 autocast where the hardware has it",
+    )
+    g.add_argument(
+        "--save-every",
+        type=int,
+        default=d.save_every,
+        help=f"checkpoint every N steps, 0 = never (default {d.save_every})",
+    )
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=d.eval_every,
+        help="validate every N steps (default: at the end)",
+    )
+    g.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="where checkpoints go (default: OUT.ckpt beside --out)",
+    )
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    g.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep the checkpoint directory after success",
+    )
+    g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the training options describe (validated)."""
+    try:
+        return TrainConfig(
+            epochs=args.epochs, max_steps=args.max_steps, learning_rate=args.learning_rate,
+            lr_scheduler=args.lr_scheduler, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+            batch_size=args.batch_size, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
+            seed=args.seed, mixed_precision=args.mixed_precision, save_every=args.save_every,
+            eval_every=args.eval_every,
+        )  # fmt: skip
+    except TypeError as e:  # pragma: no cover - a programming error, not user input
+        raise OffsiteError(str(e)) from None

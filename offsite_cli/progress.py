@@ -1,0 +1,46 @@
+"""Progress bars for the CLIs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tqdm import tqdm
+
+from offsite.training import StepInfo
+
+
+class TrainingBar:
+    """A tqdm bar fed by the training loop's `on_step` callback: loss, lr and tokens/s."""
+
+    def __init__(self, desc: str = "fine-tuning") -> None:
+        self.desc = desc
+        self.bar: tqdm | None = None
+
+    def __call__(self, info: StepInfo) -> None:
+        if self.bar is None:
+            self.bar = tqdm(
+                total=info.max_steps,
+                initial=info.step - 1,
+                desc=self.desc,
+                unit="step",
+                dynamic_ncols=True,
+            )
+        post = {
+            "loss": f"{info.loss:.4f}",
+            "lr": f"{info.learning_rate:.2e}",
+            "tok/s": f"{info.tokens_per_s:,.0f}",
+        }
+        if info.val_perplexity is not None:
+            post["val_ppl"] = f"{info.val_perplexity:.2f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def counting_bar(total: int, desc: str) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """An (advance, close) pair around a tqdm bar of `total` items."""
+    bar = tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True, leave=False)
+    return bar.update, bar.close

@@ -1,0 +1,1 @@
+"""The model owner's side: CLI `owner` (and, later, its gRPC service)."""
