@@ -1,48 +1,145 @@
-"""`data-owner`: fine-tune a bundle's adapter on local data, evaluate the emulator."""
+"""`data-owner`: fetch a bundle, fine-tune its adapter on local data, submit it, evaluate."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from offsite.adapter import open_adapter, plug_into_emulator
-from offsite.bundle import check_bundle_model, open_bundle
+from offsite.bundle import Bundle, check_bundle_model, open_bundle
+from offsite.credentials import load_credentials
+from offsite.errors import OffsiteError
 from offsite.evaluation import perplexity_on_file
 from offsite.finetune import FinetuneJob, finetune_bundle
+from offsite.signing import Signer, load_private, load_public
 from offsite_cli.args import add_eval, add_training, train_config
 from offsite_cli.progress import TrainingBar, counting_bar
 from offsite_cli.runner import make_parser, print_json, run, subparsers
 
 
+@contextlib.contextmanager
+def _owner(args: argparse.Namespace) -> Iterator:
+    """A connected client for --server (imports grpc only when a server is used)."""
+    from offsite.transport.client import connect
+
+    creds = load_credentials(args.credentials) if args.credentials else None
+    with connect(args.server, creds, insecure_identity=args.insecure_dev_identity) as owner:
+        yield owner
+
+
+def _bytes_bar(desc: str) -> tqdm:
+    return tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
+
+
+def _pick_bundle(owner, bundle_id: str | None) -> dict:
+    bundles = owner.list_bundles()
+    if bundle_id:
+        match = [b for b in bundles if b["bundle_id"] in (bundle_id, f"sha256:{bundle_id}")]
+        if not match:
+            raise OffsiteError(
+                f"--bundle-id {bundle_id}: not among the {len(bundles)} bundles issued to you"
+            )
+        return match[0]
+    if not bundles:
+        raise OffsiteError("the model owner has issued no bundle to you yet")
+    return bundles[-1]  # the newest
+
+
+def _fetch(owner, bundle_id: str | None, out: Path) -> Bundle:
+    info = _pick_bundle(owner, bundle_id)
+    bar = _bytes_bar("downloading")
+    bar.total = sum(f["size"] for f in info["files"])
+    try:
+        owner.fetch_bundle(info["bundle_id"], out, on_bytes=bar.update)
+    finally:
+        bar.close()
+    return open_bundle(out)
+
+
+def _verified_bundle(args: argparse.Namespace) -> Bundle:
+    """Open --bundle, checking hashes and (with --credentials) the owner's signature first."""
+    bundle = open_bundle(args.bundle)
+    if args.credentials:
+        creds = load_credentials(args.credentials)
+        bundle.verify_signature(load_public(creds.owner_public_key.encode(), args.credentials))
+    return bundle
+
+
+def cmd_fetch(args: argparse.Namespace) -> None:
+    with _owner(args) as owner:
+        bundle = _fetch(owner, args.bundle_id, Path(args.out))
+    print_json({"bundle": str(bundle.path), "bundle_id": bundle.bundle_id, "verified": True})
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    with _owner(args) as owner:
+        bar = _bytes_bar("uploading")
+        try:
+            result = owner.submit_adapter(Path(args.adapter), on_bytes=bar.update)
+        finally:
+            bar.close()
+    print_json(result)
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     cfg = train_config(args)
-    bundle = open_bundle(args.bundle)
+    if (args.bundle is None) == (args.server is None):
+        raise OffsiteError("give exactly one of --bundle DIR or --server ADDR")
+    if args.server and not (args.credentials or args.insecure_dev_identity):
+        raise OffsiteError("--server needs --credentials")
+    out = Path(args.out)
     job = FinetuneJob(
-        data=Path(args.data), out=Path(args.out), block_size=args.block_size, val_fraction=args.val_fraction,
+        data=Path(args.data), out=out, block_size=args.block_size, val_fraction=args.val_fraction,
         checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None, resume=args.resume,
         overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints,
     )  # fmt: skip
+    creds = load_credentials(args.credentials) if args.credentials else None
+    signer = (
+        Signer(creds.name, load_private(creds.signing_key.encode(), args.credentials))
+        if creds
+        else None
+    )
+    if args.server:
+        bundle_dir = (
+            Path(args.bundle_dir) if args.bundle_dir else out.with_name(out.name + ".bundle")
+        )
+        with _owner(args) as owner:
+            bundle = (
+                open_bundle(bundle_dir)
+                if bundle_dir.exists()
+                else _fetch(owner, args.bundle_id, bundle_dir)
+            )
+    else:
+        bundle = _verified_bundle(args)
     bar = TrainingBar()
     try:
-        adapter = finetune_bundle(bundle, job, cfg, on_step=bar)
+        adapter = finetune_bundle(bundle, job, cfg, on_step=bar, signer=signer)
     finally:
         bar.close()
-    if adapter is not None:
-        t = adapter.manifest["training"]
-        print_json({"adapter": str(adapter.path), "bundle_id": bundle.bundle_id, "steps": t["steps"],
-                    "final_loss": t["final_loss"], "val_perplexity": t["val_perplexity"]})  # fmt: skip
+    if adapter is None:
+        return  # not the main process
+    t = adapter.manifest["training"]
+    result = {"adapter": str(adapter.path), "bundle_id": bundle.bundle_id, "steps": t["steps"],
+              "final_loss": t["final_loss"], "val_perplexity": t["val_perplexity"]}  # fmt: skip
+    if args.server:
+        with _owner(args) as owner:
+            result["submitted"] = owner.submit_adapter(adapter.path)
+    print_json(result)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    bundle = open_bundle(args.bundle)
+    bundle = _verified_bundle(args)
     model = bundle.load_model(dtype=torch.float32)
     check_bundle_model(bundle, model)
     if args.adapter:
         plug_into_emulator(model, bundle, open_adapter(args.adapter))
-    advance, close = counting_bar(args.max_sequences or 0, "evaluating")
+    advance, close = counting_bar(args.max_sequences, "evaluating")
     try:
         result = perplexity_on_file(
             model, AutoTokenizer.from_pretrained(bundle.path), args.data, block_size=args.block_size,
@@ -53,14 +150,33 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print_json({"bundle": str(bundle.path), "adapter": args.adapter, **result})
 
 
+def _add_server(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument(
+        "--server", required=required, default=None, help="the model owner's address, host:port"
+    )
+    p.add_argument("--credentials", default=None, help="credentials file from `owner enroll`")
+    p.add_argument("--insecure-dev-identity", default=None, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(
         "data-owner", "Data owner: fine-tune an emulator bundle's adapter on private data."
     )
     sub = subparsers(parser)
 
-    p = sub.add_parser("finetune", help="train the adapter on local data and write it")
-    p.add_argument("--bundle", required=True, help="emulator bundle directory from the model owner")
+    p = sub.add_parser(
+        "finetune", help="train the adapter on local data (bundle from a directory or the server)"
+    )
+    p.add_argument("--bundle", default=None, help="emulator bundle directory (or use --server)")
+    _add_server(p, required=False)
+    p.add_argument(
+        "--bundle-id", default=None, help="with --server: which issued bundle (default: the newest)"
+    )
+    p.add_argument(
+        "--bundle-dir",
+        default=None,
+        help="with --server: where the bundle is downloaded (default OUT.bundle)",
+    )
     p.add_argument(
         "--data",
         required=True,
@@ -70,10 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_training(p)
     p.set_defaults(func=cmd_finetune)
 
+    p = sub.add_parser("fetch", help="download a bundle issued to you (resumable) and verify it")
+    _add_server(p, required=True)
+    p.add_argument("--bundle-id", default=None, help="which issued bundle (default: the newest)")
+    p.add_argument("--out", required=True, help="bundle directory to create")
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("submit", help="upload a signed adapter to the model owner (resumable)")
+    _add_server(p, required=True)
+    p.add_argument("--adapter", required=True, help="adapter directory")
+    p.set_defaults(func=cmd_submit)
+
     p = sub.add_parser(
         "evaluate", help="perplexity of the emulator (optionally with an adapter), JSON on stdout"
     )
     p.add_argument("--bundle", required=True, help="emulator bundle directory")
+    p.add_argument(
+        "--credentials", default=None, help="also verify the owner's signature on the bundle"
+    )
     p.add_argument("--adapter", default=None, help="adapter directory trained from this bundle")
     add_eval(p)
     p.set_defaults(func=cmd_evaluate)

@@ -18,7 +18,8 @@ from offsite.atomic import atomic_directory, write_json_atomic
 from offsite.bundle import Bundle
 from offsite.errors import OffsiteError, VerificationError
 from offsite.manifest import check_files, field, hash_files, read_manifest
-from offsite.tensorcheck import TensorSpec, check_spec, load_checked, spec_of
+from offsite.signing import Signer, verify_file
+from offsite.tensorcheck import TensorSpec, check_spec, header_spec, load_checked, spec_of
 
 ADAPTER_FORMAT = "offsite-tuning/adapter"
 ADAPTER_FORMAT_VERSION = 1
@@ -38,6 +39,10 @@ class Adapter:
     @property
     def blocks(self) -> list[int]:
         return list(self.manifest["adapter_blocks"])
+
+    def verify_signature(self, key) -> str:
+        """Check the data owner's signature over the manifest; returns the signer name."""
+        return verify_file(self.path / ADAPTER_MANIFEST, self.path / ADAPTER_SIGNATURE, key)
 
     @property
     def spec(self) -> TensorSpec:
@@ -84,6 +89,7 @@ def save_adapter(
     *,
     training: dict,
     overwrite: bool = False,
+    signer: Signer | None = None,
 ) -> Adapter:
     """Write adapter weights and a manifest naming the bundle they were trained from, atomically."""
     manifest = {
@@ -98,11 +104,14 @@ def save_adapter(
         "adapter_blocks": bundle.adapter_sources,
         "tensors": {k: {"dtype": d, "shape": list(s)} for k, (d, s) in spec_of(state).items()},
         "training": training,
+        "signer": signer.name if signer is not None else None,
     }
     with atomic_directory(out, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         manifest["files"] = hash_files(tmp, NOT_HASHED)
         write_json_atomic(tmp / ADAPTER_MANIFEST, manifest)
+        if signer is not None:
+            signer.sign(tmp / ADAPTER_MANIFEST, tmp / ADAPTER_SIGNATURE)
     return open_adapter(out)
 
 
@@ -214,3 +223,36 @@ def save_merged(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out)
+
+
+def spec_from_bundle(bundle: Bundle) -> TensorSpec:
+    """What an adapter for `bundle` must contain, read from the bundle's safetensors headers only."""
+    prefix = bundle.manifest["base_model"]["block_prefix"]
+    mapping = {b["index"]: b["source"] for b in bundle.manifest["blocks"] if b["role"] == "adapter"}
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    spec: TensorSpec = {}
+    for path in sorted(bundle.path.glob("*.safetensors")):
+        for name, entry in header_spec(path).items():
+            m = pattern.match(name)
+            if m and int(m.group(1)) in mapping:
+                spec[f"{prefix}.{mapping[int(m.group(1))]}.{name[m.end() :]}"] = entry
+    return spec
+
+
+def verify_adapter_for_bundle(adapter: Adapter, bundle: Bundle) -> dict[str, torch.Tensor]:
+    """Check an adapter against the bundle it claims (ids, key set, shapes, dtypes, finite values)."""
+    m = adapter.manifest
+    if m["bundle_id"] != bundle.bundle_id:
+        raise VerificationError(
+            f"{adapter.path}: adapter names bundle {m['bundle_id'][:19]}…, not {bundle.bundle_id[:19]}…"
+        )
+    if (
+        m["base_fingerprint"] != bundle.base_fingerprint
+        or m["adapter_blocks"] != bundle.adapter_sources
+    ):
+        raise VerificationError(
+            f"{adapter.path}: base fingerprint or adapter blocks differ from the bundle's"
+        )
+    expected = spec_from_bundle(bundle)
+    check_spec(str(adapter.path / ADAPTER_MANIFEST), adapter.spec, expected)
+    return load_checked(adapter.path / WEIGHTS_NAME, expected)

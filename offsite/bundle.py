@@ -17,6 +17,7 @@ from offsite.emulator import build_emulator
 from offsite.errors import OffsiteError, VerificationError
 from offsite.fingerprint import model_fingerprint
 from offsite.manifest import check_files, field, hash_files, read_manifest
+from offsite.signing import Signer, verify_file
 from offsite.split import SplitPlan
 
 BUNDLE_FORMAT = "offsite-tuning/emulator-bundle"
@@ -56,6 +57,10 @@ class Bundle:
     def adapter_sources(self) -> list[int]:
         """Full-model indices of the adapter blocks."""
         return [b["source"] for b in self.manifest["blocks"] if b["role"] == "adapter"]
+
+    def verify_signature(self, owner_key) -> str:
+        """Check the owner's signature over the manifest; returns the signer name."""
+        return verify_file(self.path / MANIFEST_NAME, self.path / SIGNATURE_NAME, owner_key)
 
     def load_model(self, **kwargs) -> PreTrainedModel:
         """The emulator as a plain transformers model."""
@@ -103,8 +108,9 @@ def package_emulator(
     overwrite: bool = False,
     extra: dict | None = None,
     inplace: bool = False,
+    signer: Signer | None = None,
 ) -> Bundle:
-    """Build the emulator for `plan` and write it as a bundle directory, atomically."""
+    """Build the emulator for `plan` and write it as a bundle directory (signed if `signer`), atomically."""
     fingerprint = model_fingerprint(model)
     manifest = bundle_manifest(model, plan, base_name, fingerprint, extra)
     emulator = build_emulator(model, plan, inplace=inplace)
@@ -114,6 +120,8 @@ def package_emulator(
             tokenizer.save_pretrained(tmp)
         manifest["files"] = hash_files(tmp, NOT_HASHED)
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
+        if signer is not None:
+            signer.sign(tmp / MANIFEST_NAME, tmp / SIGNATURE_NAME)
     return open_bundle(out)
 
 

@@ -15,6 +15,7 @@ from offsite.adapter import Adapter, block_parameters, extract_adapter, save_ada
 from offsite.atomic import check_output_dir
 from offsite.bundle import Bundle, check_bundle_model
 from offsite.data import load_data, pad_id_of, split_validation
+from offsite.signing import Signer
 from offsite.training import StepInfo, TrainConfig, make_accelerator, train
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def finetune_bundle(
     cfg: TrainConfig,
     *,
     on_step: Callable[[StepInfo], None] | None = None,
+    signer: Signer | None = None,
 ) -> Adapter | None:
     """Fine-tune the adapter of a verified bundle on local data; returns the adapter (main process)."""
     check_output_dir(job.out, job.overwrite)  # fail before hours of training, not after
@@ -76,7 +78,9 @@ def finetune_bundle(
         trainable_parameters=n_trainable, block_size=job.block_size, data_file=job.data.name
     )
     state = extract_adapter(acc.unwrap_model(model), bundle)
-    adapter = save_adapter(state, bundle, job.out, training=summary, overwrite=job.overwrite)
+    adapter = save_adapter(
+        state, bundle, job.out, training=summary, overwrite=job.overwrite, signer=signer
+    )
     if not job.keep_checkpoints:
         shutil.rmtree(job.checkpoints, ignore_errors=True)
     return adapter

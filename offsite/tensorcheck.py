@@ -47,16 +47,27 @@ def check_spec(where: str, actual: TensorSpec, expected: TensorSpec) -> None:
             )
 
 
+def header_spec(path: Path) -> TensorSpec:
+    """Dtype and shape of every tensor in a safetensors file, from its header alone."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {
+                name: (
+                    _st_dtype(f.get_slice(name).get_dtype()),
+                    tuple(f.get_slice(name).get_shape()),
+                )
+                for name in f.keys()
+            }
+    except (SafetensorError, OSError) as e:
+        raise VerificationError(f"{path}: not a valid safetensors file ({e})") from None
+
+
 def load_checked(path: str | os.PathLike, expected: TensorSpec) -> dict[str, torch.Tensor]:
     """Load a safetensors file after checking its header against `expected`, then check values are finite."""
     path = Path(path)
+    check_spec(str(path), header_spec(path), expected)
     try:
         with safe_open(str(path), framework="pt") as f:
-            actual = {}
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                sl = f.get_slice(name)
-                actual[name] = (_st_dtype(sl.get_dtype()), tuple(sl.get_shape()))
-            check_spec(str(path), actual, expected)
             tensors = {name: f.get_tensor(name) for name in expected}
     except (SafetensorError, OSError) as e:
         raise VerificationError(f"{path}: not a valid safetensors file ({e})") from None

@@ -95,11 +95,19 @@ def epoch_batches(n: int, cfg: TrainConfig, epoch: int, rank: int, world: int) -
     return batches[: len(batches) // cfg.grad_accum * cfg.grad_accum]
 
 
+def _no_accelerator() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """An Accelerator for `cfg`, with a clear error where the hardware lacks the precision."""
     try:
+        # accelerate sets up gloo across `torchrun` CPU processes only when told cpu=True
         return Accelerator(
-            gradient_accumulation_steps=cfg.grad_accum, mixed_precision=cfg.mixed_precision
+            gradient_accumulation_steps=cfg.grad_accum,
+            mixed_precision=cfg.mixed_precision,
+            cpu=_no_accelerator(),
         )
     except (ValueError, RuntimeError) as e:
         raise OffsiteError(

@@ -40,7 +40,7 @@ class TrainingBar:
             self.bar.close()
 
 
-def counting_bar(total: int, desc: str) -> tuple[Callable[[int], None], Callable[[], None]]:
+def counting_bar(total: int | None, desc: str) -> tuple[Callable[[int], None], Callable[[], None]]:
     """An (advance, close) pair around a tqdm bar of `total` items."""
     bar = tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True, leave=False)
     return bar.update, bar.close

@@ -1,17 +1,21 @@
-"""`owner`: package an emulator bundle, merge a returned adapter, evaluate a model."""
+"""`owner`: set up a home, enroll data owners, package and serve bundles, verify and merge adapters."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from offsite.adapter import open_adapter, plug_adapter, save_merged, verify_adapter
 from offsite.architectures import num_blocks
 from offsite.atomic import check_output_dir
 from offsite.bundle import open_bundle, package_emulator
+from offsite.errors import OffsiteError
 from offsite.evaluation import perplexity_on_file
 from offsite.fingerprint import model_fingerprint
 from offsite.loading import DEFAULT_MODEL, load_model, load_tokenizer
+from offsite.owner_home import enroll, init_home, listing, open_home
+from offsite.signing import Signer, load_public
 from offsite.split import make_plan
 from offsite_cli.args import add_dtype, add_eval, dtype_of, int_list
 from offsite_cli.progress import counting_bar
@@ -20,7 +24,55 @@ from offsite_cli.runner import make_parser, print_json, run, subparsers
 MERGE_RECORD = "offsite_merge.json"
 
 
+def cmd_init(args: argparse.Namespace) -> None:
+    home = init_home(args.home, args.server_name)
+    print_json(
+        {
+            "home": str(home.root),
+            "ca": str(home.root / "ca.pem"),
+            "signing_public_key": str(home.root / "signing.pub"),
+        }
+    )
+
+
+def cmd_enroll(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.exists():
+        raise OffsiteError(f"{out}: already exists; choose another --out")
+    creds = enroll(open_home(args.home), args.name)
+    creds.save(out)
+    print_json(
+        {
+            "data_owner": args.name,
+            "credentials": str(out),
+            "deliver": "out of band; the file holds private keys",
+        }
+    )
+
+
+def cmd_revoke(args: argparse.Namespace) -> None:
+    registry = open_home(args.home).registry()
+    try:
+        registry.revoke(args.name)
+    finally:
+        registry.close()
+    print_json({"revoked": args.name})
+
+
 def cmd_package(args: argparse.Namespace) -> None:
+    if (args.home is None) != (args.for_ is None):
+        raise OffsiteError(
+            "--home and --for go together: a signed bundle is issued to one enrolled data owner"
+        )
+    home = open_home(args.home) if args.home else None
+    if home is not None:
+        registry = home.registry()
+        owner = registry.data_owner(args.for_)
+        registry.close()
+        if owner is None or owner.revoked_at:
+            raise OffsiteError(
+                f"--for {args.for_!r}: no active data owner by that name; enroll it first"
+            )
     check_output_dir(args.out, args.overwrite)
     model = load_model(args.model, dtype=dtype_of(args))
     plan = make_plan(
@@ -28,37 +80,100 @@ def cmd_package(args: argparse.Namespace) -> None:
         adapter_bottom=args.adapter_bottom, adapter_top=args.adapter_top, adapter_blocks=args.adapter_blocks,
         emulator_layers=args.emulator_layers, drop_ratio=args.drop_ratio, kept_blocks=args.emulator_blocks,
     )  # fmt: skip
-    bundle = package_emulator(
-        model,
-        load_tokenizer(args.model),
-        plan,
-        args.out,
-        base_name=args.model,
-        overwrite=args.overwrite,
-        inplace=True,
-    )
-    print_json({"bundle": str(bundle.path), "bundle_id": bundle.bundle_id, "adapter_blocks": list(plan.adapter),
-                "kept_blocks": list(plan.kept), "dropped_blocks": list(plan.dropped)})  # fmt: skip
+    signer = Signer("model-owner", home.signing_key) if home else None
+    extra = {"issued_to": args.for_} if home else None
+    bundle = package_emulator(model, load_tokenizer(args.model), plan, args.out, base_name=args.model,
+                              overwrite=args.overwrite, inplace=True, signer=signer, extra=extra)  # fmt: skip
+    if home is not None:
+        registry = home.registry()
+        try:
+            registry.add_bundle(
+                bundle.bundle_id,
+                args.for_,
+                bundle.path.name,
+                str(bundle.path.resolve()),
+                args.model,
+                listing(bundle.path),
+            )
+        finally:
+            registry.close()
+    print_json({"bundle": str(bundle.path), "bundle_id": bundle.bundle_id, "issued_to": args.for_,
+                "adapter_blocks": list(plan.adapter), "kept_blocks": list(plan.kept), "dropped_blocks": list(plan.dropped)})  # fmt: skip
+
+
+def _registered_adapter(args: argparse.Namespace) -> tuple[Path, str | None, str | None]:
+    """(adapter dir, bundle path, model spec) for --adapter, looked up in --home's registry if given."""
+    if args.home is None:
+        return Path(args.adapter), args.bundle, args.model
+    registry = open_home(args.home).registry()
+    try:
+        record = registry.adapter(args.adapter)
+        if record is None:
+            raise OffsiteError(
+                f"--adapter {args.adapter!r}: no such adapter in {args.home}; see `owner adapters`"
+            )
+        if record["status"] != "verified":
+            raise OffsiteError(f"adapter {record['adapter_id']} was rejected: {record['reason']}")
+        bundle = registry.bundle(record["bundle_id"])
+        key = registry.data_owner(record["data_owner"]).signing_key
+    finally:
+        registry.close()
+    open_adapter(record["path"]).verify_signature(load_public(key.encode(), "registry"))
+    return Path(record["path"]), bundle["path"], args.model or bundle["model"]
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
     check_output_dir(args.out, args.overwrite)
-    adapter = open_adapter(args.adapter)
-    bundle_id = open_bundle(args.bundle).bundle_id if args.bundle else None
-    model = load_model(args.model, dtype=dtype_of(args))
+    adapter_dir, bundle_path, model_spec = _registered_adapter(args)
+    model_spec = model_spec or DEFAULT_MODEL
+    adapter = open_adapter(adapter_dir)
+    bundle_id = open_bundle(bundle_path).bundle_id if bundle_path else None
+    model = load_model(model_spec, dtype=dtype_of(args))
     fingerprint = model_fingerprint(model)
     state = verify_adapter(adapter, model, fingerprint, bundle_id=bundle_id)
     plug_adapter(model, state)
-    out = save_merged(model, load_tokenizer(args.model), args.out, overwrite=args.overwrite)
+    out = save_merged(model, load_tokenizer(model_spec), args.out, overwrite=args.overwrite)
     record = {"base_fingerprint": fingerprint, "bundle_id": adapter.manifest["bundle_id"],
-              "adapter_blocks": adapter.blocks, "adapter": str(adapter.path)}  # fmt: skip
+              "adapter_blocks": adapter.blocks, "adapter": str(adapter.path), "signer": adapter.manifest.get("signer")}  # fmt: skip
     (out / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     print_json({"merged": str(out), **record})
 
 
+def cmd_adapters(args: argparse.Namespace) -> None:
+    registry = open_home(args.home).registry()
+    try:
+        rows = registry.adapters()
+    finally:
+        registry.close()
+    print_json(
+        [
+            {
+                k: r[k]
+                for k in (
+                    "adapter_id",
+                    "data_owner",
+                    "bundle_id",
+                    "status",
+                    "reason",
+                    "received_at",
+                )
+            }
+            for r in rows
+        ]
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from owner.serve import serve
+
+    serve(
+        open_home(args.home), args.listen, insecure=args.insecure_dev, chunk_bytes=args.chunk_bytes
+    )
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     model = load_model(args.model, dtype=dtype_of(args))
-    advance, close = counting_bar(args.max_sequences or 0, "evaluating")
+    advance, close = counting_bar(args.max_sequences, "evaluating")
     try:
         result = perplexity_on_file(
             model, load_tokenizer(args.model), args.data, block_size=args.block_size,
@@ -69,19 +184,24 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print_json({"model": args.model, **result})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = make_parser(
-        "owner", "Model owner: package emulators, merge returned adapters, evaluate."
-    )
-    sub = subparsers(parser)
-
+def _add_package(sub) -> None:
     p = sub.add_parser("package-emulator", help="full model in, emulator bundle out")
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
         help=f"hub id, HF directory, .gguf file, or {DEFAULT_MODEL} (default)",
     )
-    p.add_argument("--out", required=True, help="bundle directory to create")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="bundle directory to create (keep it there: the server serves it from there)",
+    )
+    p.add_argument(
+        "--home", default=None, help="owner home: sign the bundle and register it for --for"
+    )
+    p.add_argument(
+        "--for", dest="for_", default=None, help="the enrolled data owner this bundle is issued to"
+    )
     p.add_argument(
         "--adapter-bottom", type=int, default=2, help="bottom blocks in the adapter (default 2)"
     )
@@ -113,11 +233,71 @@ def build_parser() -> argparse.ArgumentParser:
     add_dtype(p)
     p.set_defaults(func=cmd_package)
 
+
+def _add_exchange(sub) -> None:
+    p = sub.add_parser(
+        "init", help="create an owner home: CA, server certificate, signing key, registry"
+    )
+    p.add_argument("--home", required=True)
+    p.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        help="extra host name or IP for the server certificate",
+    )
+    p.set_defaults(func=cmd_init)
+    p = sub.add_parser("enroll", help="issue credentials to a data owner")
+    p.add_argument("--home", required=True)
+    p.add_argument(
+        "--name", required=True, help="the data owner's identity (letters, digits, - _ .)"
+    )
+    p.add_argument(
+        "--out", required=True, help="credentials file to write (deliver it out of band)"
+    )
+    p.set_defaults(func=cmd_enroll)
+    p = sub.add_parser("revoke", help="stop accepting a data owner's certificate")
+    p.add_argument("--home", required=True)
+    p.add_argument("--name", required=True)
+    p.set_defaults(func=cmd_revoke)
+    p = sub.add_parser("serve", help="serve bundles and receive adapters over gRPC with mutual TLS")
+    p.add_argument("--home", required=True)
+    p.add_argument(
+        "--listen", default="127.0.0.1:50051", help="host:port (port 0 picks a free one)"
+    )
+    p.add_argument(
+        "--insecure-dev",
+        action="store_true",
+        help="NO TLS, trust claimed identities: local testing only",
+    )
+    p.add_argument("--chunk-bytes", type=int, default=1 << 20, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("adapters", help="adapters received: from whom, verified or rejected, why")
+    p.add_argument("--home", required=True)
+    p.set_defaults(func=cmd_adapters)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = make_parser(
+        "owner", "Model owner: package emulators, serve them, verify and merge returned adapters."
+    )
+    sub = subparsers(parser)
+    _add_exchange(sub)
+    _add_package(sub)
+
     p = sub.add_parser(
         "merge-adapter", help="verify a returned adapter and plug it into the full model"
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="the full model the bundle was made from")
-    p.add_argument("--adapter", required=True, help="adapter directory returned by the data owner")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"the full model the bundle was made from (default: the registry's, else {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--adapter",
+        required=True,
+        help="adapter directory, or with --home an adapter id from `owner adapters`",
+    )
+    p.add_argument("--home", default=None, help="owner home whose registry holds the adapter")
     p.add_argument(
         "--bundle", default=None, help="also check the adapter was trained from this bundle"
     )

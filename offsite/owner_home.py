@@ -1,0 +1,137 @@
+"""The model owner's home directory: CA, server certificate, signing key, registry, received files.
+
+home/ca.pem ca.key server.pem server.key signing.key signing.pub registry.sqlite
+     uploads/<upload id>/...    adapters/<adapter id>/...
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from offsite.atomic import sha256_file, write_bytes_atomic
+from offsite.bundle import MANIFEST_NAME, SIGNATURE_NAME
+from offsite.credentials import Credentials
+from offsite.errors import OffsiteError
+from offsite.pki import KeyPair, cert_fingerprint, issue_client, issue_server, make_ca
+from offsite.registry import Registry
+from offsite.signing import (
+    load_private,
+    new_signing_key,
+    private_pem,
+    public_pem,
+    write_private_key,
+)
+
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+@dataclass(frozen=True)
+class OwnerHome:
+    """Paths inside an owner home, and access to what is in it."""
+
+    root: Path
+
+    @property
+    def ca(self) -> KeyPair:
+        return KeyPair((self.root / "ca.key").read_bytes(), (self.root / "ca.pem").read_bytes())
+
+    @property
+    def server(self) -> KeyPair:
+        return KeyPair(
+            (self.root / "server.key").read_bytes(), (self.root / "server.pem").read_bytes()
+        )
+
+    @property
+    def signing_key(self):
+        return load_private(
+            (self.root / "signing.key").read_bytes(), str(self.root / "signing.key")
+        )
+
+    @property
+    def uploads(self) -> Path:
+        return self.root / "uploads"
+
+    @property
+    def adapters(self) -> Path:
+        return self.root / "adapters"
+
+    def registry(self) -> Registry:
+        return Registry(self.root / "registry.sqlite")
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    write_bytes_atomic(path, data)
+    path.chmod(0o600)
+
+
+def init_home(root: str | Path, server_names: list[str]) -> OwnerHome:
+    """Create a CA, a server certificate, an Ed25519 signing key and an empty registry."""
+    root = Path(root)
+    if (root / "registry.sqlite").exists() or (root / "ca.pem").exists():
+        raise OffsiteError(f"{root}: already an owner home; use another --home")
+    root.mkdir(parents=True, exist_ok=True)
+    ca = make_ca()
+    server = issue_server(ca, server_names)
+    key = new_signing_key()
+    _write_secret(root / "ca.key", ca.key_pem)
+    write_bytes_atomic(root / "ca.pem", ca.cert_pem)
+    _write_secret(root / "server.key", server.key_pem)
+    write_bytes_atomic(root / "server.pem", server.cert_pem)
+    write_private_key(root / "signing.key", key)
+    write_bytes_atomic(root / "signing.pub", public_pem(key.public_key()))
+    home = OwnerHome(root)
+    for d in (home.uploads, home.adapters):
+        d.mkdir(exist_ok=True)
+    home.registry().close()
+    return home
+
+
+def open_home(root: str | Path) -> OwnerHome:
+    """An existing owner home, or a clear error."""
+    root = Path(root)
+    for name in ("ca.pem", "ca.key", "server.pem", "server.key", "signing.key", "registry.sqlite"):
+        if not (root / name).is_file():
+            raise OffsiteError(
+                f"{root}: not an owner home ({name} missing); create one with `owner init --home {root}`"
+            )
+    return OwnerHome(root)
+
+
+def check_name(name: str) -> str:
+    if not name or not set(name) <= _NAME_CHARS or name.startswith("."):
+        raise OffsiteError(f"--name {name!r}: use letters, digits, '-', '_' and '.' only")
+    return name
+
+
+def enroll(home: OwnerHome, name: str) -> Credentials:
+    """Issue a client certificate and a signing key for a new data owner and record them."""
+    check_name(name)
+    client = issue_client(home.ca, name)
+    signing = new_signing_key()
+    owner_pub = public_pem(home.signing_key.public_key()).decode()
+    registry = home.registry()
+    try:
+        registry.add_data_owner(
+            name, cert_fingerprint(client.cert_pem), public_pem(signing.public_key()).decode()
+        )
+    finally:
+        registry.close()
+    return Credentials(name=name, ca_cert=home.ca.cert_pem.decode(), client_cert=client.cert_pem.decode(),
+                       client_key=client.key_pem.decode(), signing_key=private_pem(signing).decode(),
+                       owner_public_key=owner_pub)  # fmt: skip
+
+
+def listing(bundle_path: Path) -> list[dict]:
+    """Name, size and sha256 of every file a data owner downloads for a bundle."""
+    manifest = json.loads((bundle_path / MANIFEST_NAME).read_text())
+    names = [*manifest["files"], MANIFEST_NAME, SIGNATURE_NAME]
+    return [
+        {
+            "name": n,
+            "size": (bundle_path / n).stat().st_size,
+            "sha256": sha256_file(bundle_path / n),
+        }
+        for n in names
+    ]

@@ -1,0 +1,171 @@
+"""The model owner's registry (SQLite, WAL): data owners, issued bundles, uploads and adapters.
+
+Every write commits before the caller acknowledges anything, with synchronous=FULL, so a crash
+loses nothing that was acknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from offsite.errors import OffsiteError
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS data_owners (
+    name TEXT PRIMARY KEY, cert_sha256 TEXT NOT NULL, signing_key TEXT NOT NULL,
+    enrolled_at TEXT NOT NULL, revoked_at TEXT);
+CREATE TABLE IF NOT EXISTS bundles (
+    bundle_id TEXT PRIMARY KEY, data_owner TEXT NOT NULL REFERENCES data_owners(name),
+    name TEXT NOT NULL, path TEXT NOT NULL, model TEXT NOT NULL, files TEXT NOT NULL, issued_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS uploads (
+    upload_id TEXT PRIMARY KEY, data_owner TEXT NOT NULL, bundle_id TEXT NOT NULL,
+    files TEXT NOT NULL, state TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS adapters (
+    adapter_id TEXT PRIMARY KEY, upload_id TEXT NOT NULL, data_owner TEXT NOT NULL, bundle_id TEXT NOT NULL,
+    path TEXT NOT NULL, status TEXT NOT NULL, reason TEXT NOT NULL, received_at TEXT NOT NULL);
+"""
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass(frozen=True)
+class DataOwner:
+    name: str
+    cert_sha256: str
+    signing_key: str  # PEM of the data owner's Ed25519 public key
+    enrolled_at: str
+    revoked_at: str | None
+
+
+class Registry:
+    """Thread-safe access to the registry database (one connection, serialised by a lock)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self._lock:
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        version = self._one("SELECT value FROM meta WHERE key='schema_version'")["value"]
+        if int(version) != SCHEMA_VERSION:
+            raise OffsiteError(
+                f"{path}: registry schema {version} is not supported (this tool uses {SCHEMA_VERSION})"
+            )
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _run(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._db.execute(sql, args)
+
+    def _one(self, sql: str, args: tuple = ()) -> sqlite3.Row | None:
+        with self._lock:
+            return self._db.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # data owners
+    def add_data_owner(self, name: str, cert_sha256: str, signing_key: str) -> None:
+        try:
+            self._run(
+                "INSERT INTO data_owners VALUES (?, ?, ?, ?, NULL)",
+                (name, cert_sha256, signing_key, now()),
+            )
+        except sqlite3.IntegrityError:
+            raise OffsiteError(
+                f"data owner {name!r} is already enrolled; pick another --name or revoke it first"
+            ) from None
+
+    def data_owner(self, name: str) -> DataOwner | None:
+        row = self._one("SELECT * FROM data_owners WHERE name=?", (name,))
+        return DataOwner(**dict(row)) if row else None
+
+    def data_owners(self) -> list[DataOwner]:
+        return [DataOwner(**dict(r)) for r in self._all("SELECT * FROM data_owners ORDER BY name")]
+
+    def revoke(self, name: str) -> None:
+        if (
+            self._run(
+                "UPDATE data_owners SET revoked_at=? WHERE name=? AND revoked_at IS NULL",
+                (now(), name),
+            ).rowcount
+            == 0
+        ):
+            raise OffsiteError(f"no active data owner named {name!r}")
+
+    # bundles
+    def add_bundle(
+        self, bundle_id: str, data_owner: str, name: str, path: str, model: str, files: list[dict]
+    ) -> None:
+        self._run("INSERT OR REPLACE INTO bundles VALUES (?, ?, ?, ?, ?, ?, ?)",
+                  (bundle_id, data_owner, name, path, model, json.dumps(files), now()))  # fmt: skip
+
+    def bundle(self, bundle_id: str) -> dict[str, Any] | None:
+        row = self._one("SELECT * FROM bundles WHERE bundle_id=?", (bundle_id,))
+        return {**dict(row), "files": json.loads(row["files"])} if row else None
+
+    def bundles_for(self, data_owner: str) -> list[dict[str, Any]]:
+        rows = self._all(
+            "SELECT * FROM bundles WHERE data_owner=? ORDER BY issued_at", (data_owner,)
+        )
+        return [{**dict(r), "files": json.loads(r["files"])} for r in rows]
+
+    # uploads
+    def open_upload(
+        self, upload_id: str, data_owner: str, bundle_id: str, files: list[dict]
+    ) -> dict[str, Any]:
+        """Create the upload record, or return the existing one (a client resuming)."""
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO uploads VALUES (?, ?, ?, ?, 'open', ?)",
+                             (upload_id, data_owner, bundle_id, json.dumps(files), now()))  # fmt: skip
+        return self.upload(upload_id)
+
+    def upload(self, upload_id: str) -> dict[str, Any] | None:
+        row = self._one("SELECT * FROM uploads WHERE upload_id=?", (upload_id,))
+        return {**dict(row), "files": json.loads(row["files"])} if row else None
+
+    def set_upload_state(self, upload_id: str, state: str) -> None:
+        self._run("UPDATE uploads SET state=? WHERE upload_id=?", (state, upload_id))
+
+    # adapters
+    def add_adapter(
+        self,
+        adapter_id: str,
+        upload_id: str,
+        data_owner: str,
+        bundle_id: str,
+        path: str,
+        status: str,
+        reason: str,
+    ) -> None:
+        self._run("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                  (adapter_id, upload_id, data_owner, bundle_id, path, status, reason, now()))  # fmt: skip
+
+    def adapter(self, adapter_id: str) -> dict[str, Any] | None:
+        rows = self._all("SELECT * FROM adapters WHERE adapter_id LIKE ? || '%'", (adapter_id,))
+        if len(rows) > 1:
+            raise OffsiteError(f"adapter id {adapter_id!r} is ambiguous; give more characters")
+        return dict(rows[0]) if rows else None
+
+    def adapters(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._all("SELECT * FROM adapters ORDER BY received_at")]

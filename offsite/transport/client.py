@@ -1,0 +1,286 @@
+"""The data owner's gRPC client: a context manager yielding plain callables (no grpc outside).
+
+    with connect("localhost:50051", credentials) as owner:
+        bundles = owner.list_bundles()
+        owner.fetch_bundle(bundles[0]["bundle_id"], Path("bundle"))
+        owner.submit_adapter(Path("adapter"))
+
+Downloads and uploads resume from the committed offset after an interruption, retrying with
+exponential backoff; a downloaded bundle is checked (hashes, the owner's signature, issued to
+us) before it is renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from offsite.adapter import ADAPTER_MANIFEST, open_adapter
+from offsite.atomic import sha256_file
+from offsite.bundle import open_bundle
+from offsite.credentials import Credentials
+from offsite.errors import OffsiteError, VerificationError
+from offsite.exchange import ADAPTER_FILES, CHUNK_BYTES, MAX_CHUNK_BYTES, PROTOCOL_VERSION
+from offsite.manifest import is_safe_name
+from offsite.signing import load_public
+from offsite.transport import CHANNEL_OPTIONS, INSECURE_IDENTITY_HEADER
+from offsite.transport.convert import bundle_from_proto, commit_from_proto, upload_status_from_proto
+from offsite.v1 import offsite_pb2 as pb
+from offsite.v1 import offsite_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}  # fmt: skip
+
+
+class TransportError(OffsiteError):
+    """The server refused a request, or could not be reached after retrying."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: `attempts` tries, waits from `initial_s` up to `max_s`."""
+
+    attempts: int = 12
+    initial_s: float = 0.25
+    max_s: float = 5.0
+
+    def delays(self) -> Iterator[float]:
+        delay = self.initial_s
+        for _ in range(self.attempts - 1):
+            yield delay * (0.5 + random.random() / 2)
+            delay = min(delay * 2, self.max_s)
+
+
+def _describe(e: grpc.RpcError) -> str:
+    return f"{e.code().name}: {e.details()}"
+
+
+class OwnerClient:
+    """Calls to one model owner's server, with retries; every method takes and returns plain data."""
+
+    def __init__(self, channel: grpc.Channel, credentials: Credentials | None, metadata, retry: RetryPolicy,
+                 chunk_bytes: int) -> None:  # fmt: skip
+        self.stub = pb_grpc.OffsiteStub(channel)
+        self.credentials = credentials
+        self.metadata = metadata
+        self.retry = retry
+        self.chunk_bytes = chunk_bytes
+
+    def _call(self, fn: Callable, what: str):
+        """Run `fn()` with retries on transient failures."""
+        delays = self.retry.delays()
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE:
+                    raise TransportError(f"{what}: {_describe(e)}", e.code()) from None
+                delay = next(delays, None)
+                if delay is None:
+                    raise TransportError(
+                        f"{what}: gave up after {self.retry.attempts} attempts ({_describe(e)})",
+                        e.code(),
+                    ) from None
+                log.info("%s: %s; retrying in %.1f s", what, _describe(e), delay)
+                time.sleep(delay)
+
+    def health(self) -> dict:
+        r = self._call(
+            lambda: self.stub.Health(pb.HealthRequest(), metadata=self.metadata, timeout=30),
+            "health",
+        )
+        return {"status": r.status, "identity": r.identity, "format_version": r.format_version}
+
+    def list_bundles(self) -> list[dict]:
+        req = pb.ListBundlesRequest(format_version=PROTOCOL_VERSION)
+        r = self._call(
+            lambda: self.stub.ListBundles(req, metadata=self.metadata, timeout=60), "list bundles"
+        )
+        return [bundle_from_proto(b) for b in r.bundles]
+
+    # download
+    def fetch_bundle(
+        self, bundle_id: str, out: Path, on_bytes: Callable[[int], None] | None = None
+    ) -> Path:
+        """Download a bundle into `out` (resuming a previous partial download), verify it, then rename it into place."""
+        if out.exists():
+            raise OffsiteError(f"{out}: already exists; choose another --out")
+        info = next((b for b in self.list_bundles() if b["bundle_id"] == bundle_id), None)
+        if info is None:
+            raise TransportError(
+                f"no bundle {bundle_id} is issued to you", grpc.StatusCode.NOT_FOUND
+            )
+        staging = out.with_name(out.name + ".partial")
+        staging.mkdir(parents=True, exist_ok=True)
+        for f in info["files"]:
+            if not is_safe_name(f["name"]):
+                raise VerificationError(
+                    f"server listed an unsafe file name {f['name']!r}; refusing the bundle"
+                )
+            self._fetch_file(bundle_id, f, staging, on_bytes)
+        try:
+            self._check_bundle(staging)
+        except OffsiteError:
+            shutil.rmtree(staging, ignore_errors=True)  # tampered content must not be resumed
+            raise
+        os.replace(staging, out)
+        return out
+
+    def _check_bundle(self, path: Path) -> None:
+        bundle = open_bundle(path)
+        if self.credentials is not None:
+            bundle.verify_signature(
+                load_public(self.credentials.owner_public_key.encode(), "credentials")
+            )
+            issued = bundle.manifest.get("issued_to")
+            if issued != self.credentials.name:
+                raise VerificationError(
+                    f"{path}: bundle is issued to {issued!r}, not to {self.credentials.name!r}"
+                )
+
+    def _fetch_file(self, bundle_id: str, f: dict, staging: Path, on_bytes) -> None:
+        final, part = staging / f["name"], staging / (f["name"] + ".part")
+        if final.is_file() and sha256_file(final) == f["sha256"]:
+            return
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if part.exists() and part.stat().st_size > f["size"]:
+            part.unlink()
+
+        def stream() -> None:
+            offset = part.stat().st_size if part.exists() else 0
+            if offset == f["size"]:
+                return
+            req = pb.DownloadRequest(
+                format_version=PROTOCOL_VERSION, bundle_id=bundle_id, file=f["name"], offset=offset
+            )
+            with open(part, "ab") as out:
+                for chunk in self.stub.Download(req, metadata=self.metadata):
+                    if (
+                        chunk.offset != out.tell()
+                        or len(chunk.data) > MAX_CHUNK_BYTES
+                        or out.tell() + len(chunk.data) > f["size"]
+                    ):
+                        raise VerificationError(
+                            f"{f['name']}: server sent a chunk out of place; refusing it"
+                        )
+                    out.write(chunk.data)
+                    if on_bytes:
+                        on_bytes(len(chunk.data))
+
+        self._call(stream, f"download {f['name']}")
+        if part.stat().st_size != f["size"] or sha256_file(part) != f["sha256"]:
+            part.unlink()
+            raise VerificationError(
+                f"{f['name']}: downloaded bytes do not match the listed sha256; run the command again"
+            )
+        os.replace(part, final)
+
+    # upload
+    def submit_adapter(
+        self, adapter_dir: Path, on_bytes: Callable[[int], None] | None = None
+    ) -> dict:
+        """Upload a signed adapter (resuming a previous partial upload) and ask the owner to verify it."""
+        adapter = open_adapter(adapter_dir)
+        if not (adapter_dir / ADAPTER_FILES[2]).is_file():
+            raise OffsiteError(
+                f"{adapter_dir}: adapter is not signed; fine-tune with --credentials or sign it"
+            )
+        files = [
+            {
+                "name": n,
+                "size": (adapter_dir / n).stat().st_size,
+                "sha256": sha256_file(adapter_dir / n),
+            }
+            for n in ADAPTER_FILES
+        ]
+        req = pb.BeginUploadRequest(format_version=PROTOCOL_VERSION, bundle_id=adapter.manifest["bundle_id"],
+                                    files=[pb.FileInfo(**f) for f in files])  # fmt: skip
+        status = upload_status_from_proto(
+            self._call(lambda: self.stub.BeginUpload(req, metadata=self.metadata), "begin upload")
+        )
+        upload_id = status["upload_id"]
+        for f in files:
+            self._call(
+                lambda f=f: self._send_file(upload_id, adapter_dir, f, on_bytes),
+                f"upload {f['name']}",
+            )
+        creq = pb.CommitUploadRequest(format_version=PROTOCOL_VERSION, upload_id=upload_id)
+        result = commit_from_proto(
+            self._call(
+                lambda: self.stub.CommitUpload(creq, metadata=self.metadata), "commit upload"
+            )
+        )
+        if result["status"] != "verified":
+            raise VerificationError(f"the model owner rejected the adapter: {result['reason']}")
+        return {**result, "upload_id": upload_id, "manifest": (adapter_dir / ADAPTER_MANIFEST).name}
+
+    def _committed(self, upload_id: str, name: str) -> int:
+        req = pb.QueryUploadRequest(format_version=PROTOCOL_VERSION, upload_id=upload_id)
+        status = upload_status_from_proto(self.stub.QueryUpload(req, metadata=self.metadata))
+        return next(f["committed"] for f in status["files"] if f["name"] == name)
+
+    def _send_file(self, upload_id: str, root: Path, f: dict, on_bytes) -> None:
+        offset = self._committed(upload_id, f["name"])
+        if offset >= f["size"]:
+            return
+
+        def requests() -> Iterator[pb.WriteRequest]:
+            with open(root / f["name"], "rb") as src:
+                src.seek(offset)
+                pos = offset
+                while data := src.read(self.chunk_bytes):
+                    yield pb.WriteRequest(
+                        format_version=PROTOCOL_VERSION,
+                        upload_id=upload_id,
+                        file=f["name"],
+                        offset=pos,
+                        data=data,
+                    )
+                    pos += len(data)
+                    if on_bytes:
+                        on_bytes(len(data))
+
+        self.stub.Write(requests(), metadata=self.metadata)
+
+
+@contextlib.contextmanager
+def connect(
+    address: str,
+    credentials: Credentials | None,
+    *,
+    insecure_identity: str | None = None,
+    retry: RetryPolicy | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Iterator[OwnerClient]:
+    """A client over mutual TLS (or, with `insecure_identity`, plaintext for local testing only)."""
+    if insecure_identity is not None:
+        log.warning("INSECURE MODE: no TLS; for local testing only")
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        metadata = ((INSECURE_IDENTITY_HEADER, insecure_identity),)
+    else:
+        if credentials is None:
+            raise OffsiteError("--credentials is required to talk to a model owner")
+        tls = grpc.ssl_channel_credentials(root_certificates=credentials.ca_cert.encode(),
+                                           private_key=credentials.client_key.encode(),
+                                           certificate_chain=credentials.client_cert.encode())  # fmt: skip
+        channel = grpc.secure_channel(address, tls, options=CHANNEL_OPTIONS)
+        metadata = ()
+    try:
+        yield OwnerClient(channel, credentials, metadata, retry or RetryPolicy(), chunk_bytes)
+    finally:
+        channel.close()
