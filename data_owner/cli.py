@@ -26,10 +26,13 @@ from offsite_cli.runner import make_parser, print_json, run, subparsers
 @contextlib.contextmanager
 def _owner(args: argparse.Namespace) -> Iterator:
     """A connected client for --server (imports grpc only when a server is used)."""
-    from offsite.transport.client import connect
+    from offsite.transport.client import RetryPolicy, connect
 
     creds = load_credentials(args.credentials) if args.credentials else None
-    with connect(args.server, creds, insecure_identity=args.insecure_dev_identity) as owner:
+    retry = RetryPolicy(attempts=args.retries)
+    with connect(
+        args.server, creds, insecure_identity=args.insecure_dev_identity, retry=retry
+    ) as owner:
         yield owner
 
 
@@ -155,6 +158,12 @@ def _add_server(p: argparse.ArgumentParser, required: bool) -> None:
         "--server", required=required, default=None, help="the model owner's address, host:port"
     )
     p.add_argument("--credentials", default=None, help="credentials file from `owner enroll`")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=12,
+        help="attempts per call before giving up, with backoff (default 12)",
+    )
     p.add_argument("--insecure-dev-identity", default=None, help=argparse.SUPPRESS)
 
 

@@ -59,6 +59,10 @@ class RetryPolicy:
     initial_s: float = 0.25
     max_s: float = 5.0
 
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise OffsiteError(f"--retries must be at least 1 (got {self.attempts})")
+
     def delays(self) -> Iterator[float]:
         delay = self.initial_s
         for _ in range(self.attempts - 1):
