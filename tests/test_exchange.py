@@ -98,11 +98,10 @@ def test_client_without_certificate_is_refused(env):
     tls = grpc.ssl_channel_credentials(
         env["creds"]["acme"].ca_cert.encode()
     )  # trusts the server, presents nothing
-    with grpc.secure_channel(env["address"], tls) as channel:
-        with pytest.raises(grpc.RpcError) as err:
-            pb_grpc.OffsiteStub(channel).ListBundles(
-                pb.ListBundlesRequest(format_version=1), timeout=10
-            )
+    with grpc.secure_channel(env["address"], tls) as channel, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.OffsiteStub(channel).ListBundles(
+            pb.ListBundlesRequest(format_version=1), timeout=10
+        )
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
