@@ -125,8 +125,11 @@ def package_emulator(
     return open_bundle(out)
 
 
-def open_bundle(path: str | Path) -> Bundle:
-    """Read a bundle's manifest and check every file's sha256 (nothing is loaded before this passes)."""
+def open_bundle(path: str | Path, hashed: dict[str, str] | None = None) -> Bundle:
+    """Read a bundle's manifest and check every file's sha256 (nothing is loaded before this passes).
+
+    `hashed`: digests already computed by the caller over these files (see check_files).
+    """
     path = Path(path)
     if not path.is_dir():
         raise OffsiteError(f"{path}: bundle directory not found")
@@ -150,7 +153,7 @@ def open_bundle(path: str | Path) -> Bundle:
             raise VerificationError(f"{manifest_path}: blocks[{i}] is malformed")
         if not isinstance(b.get("source"), int) or not 0 <= b["source"] < base["num_layers"]:
             raise VerificationError(f"{manifest_path}: blocks[{i}].source is out of range")
-    check_files(path, field(data, "files", dict, manifest_path), NOT_HASHED)
+    check_files(path, field(data, "files", dict, manifest_path), NOT_HASHED, hashed)
     return Bundle(path, data)
 
 

@@ -50,8 +50,18 @@ def hash_files(root: Path, exclude: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def check_files(root: Path, files: dict[str, str], exclude: tuple[str, ...]) -> None:
-    """Every listed file exists with its sha256, and no unlisted file is present."""
+def check_files(
+    root: Path,
+    files: dict[str, str],
+    exclude: tuple[str, ...],
+    hashed: dict[str, str] | None = None,
+) -> None:
+    """Every listed file exists with its sha256, and no unlisted file is present.
+
+    `hashed` holds digests the caller computed itself over these very files (e.g. while
+    receiving them), so they need not be read a second time.
+    """
+    hashed = hashed or {}
     for rel, digest in files.items():
         if not isinstance(rel, str) or not isinstance(digest, str):
             raise VerificationError(f"{root}: manifest 'files' must map names to sha256 strings")
@@ -60,7 +70,7 @@ def check_files(root: Path, files: dict[str, str], exclude: tuple[str, ...]) -> 
         path = root / rel
         if not path.is_file():
             raise VerificationError(f"{path}: listed in the manifest but missing")
-        if sha256_file(path) != digest:
+        if (hashed.get(rel) or sha256_file(path)) != digest:
             raise VerificationError(
                 f"{path}: sha256 does not match the manifest (corrupted or tampered)"
             )

@@ -13,10 +13,13 @@ us) before it is renamed into place.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import queue
 import random
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -68,6 +71,51 @@ class RetryPolicy:
         for _ in range(self.attempts - 1):
             yield delay * (0.5 + random.random() / 2)
             delay = min(delay * 2, self.max_s)
+
+
+def _hash_prefix(path: Path, size: int):
+    """A sha256 object fed with the first `size` bytes of `path` (nothing if it does not exist)."""
+    digest = hashlib.sha256()
+    if size:
+        with open(path, "rb") as f:
+            while size and (data := f.read(min(size, 1 << 20))):
+                digest.update(data)
+                size -= len(data)
+    return digest
+
+
+_END = object()
+
+
+def _prefetched(call, depth: int = 8) -> Iterator:
+    """Iterate a server stream while a thread keeps up to `depth` messages (~`depth` MiB) in hand.
+
+    The synchronous API only asks for the next message when the caller wants it, so receiving
+    would otherwise wait for every disk write; this overlaps the two, with bounded memory.
+    """
+    box: queue.Queue = queue.Queue(maxsize=depth)
+
+    def pump() -> None:
+        try:
+            for message in call:
+                box.put(message)
+            box.put(_END)
+        except grpc.RpcError as e:
+            box.put(e)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        while (item := box.get()) is not _END:
+            if isinstance(item, grpc.RpcError):
+                raise item
+            yield item
+    finally:
+        call.cancel()  # stops the pump if we leave early (bad chunk, error)
+        while thread.is_alive():  # drain so a blocked put() can see the cancellation
+            with contextlib.suppress(queue.Empty):
+                box.get(timeout=0.1)
+        thread.join()
 
 
 def _describe(e: grpc.RpcError) -> str:
@@ -131,22 +179,23 @@ class OwnerClient:
             )
         staging = out.with_name(out.name + ".partial")
         staging.mkdir(parents=True, exist_ok=True)
+        hashed = {}
         for f in info["files"]:
             if not is_safe_name(f["name"]):
                 raise VerificationError(
                     f"server listed an unsafe file name {f['name']!r}; refusing the bundle"
                 )
-            self._fetch_file(bundle_id, f, staging, on_bytes)
+            hashed[f["name"]] = self._fetch_file(bundle_id, f, staging, on_bytes)
         try:
-            self._check_bundle(staging)
+            self._check_bundle(staging, hashed)
         except OffsiteError:
             shutil.rmtree(staging, ignore_errors=True)  # tampered content must not be resumed
             raise
         os.replace(staging, out)
         return out
 
-    def _check_bundle(self, path: Path) -> None:
-        bundle = open_bundle(path)
+    def _check_bundle(self, path: Path, hashed: dict[str, str]) -> None:
+        bundle = open_bundle(path, hashed)
         if self.credentials is not None:
             bundle.verify_signature(
                 load_public(self.credentials.owner_public_key.encode(), "credentials")
@@ -157,23 +206,27 @@ class OwnerClient:
                     f"{path}: bundle is issued to {issued!r}, not to {self.credentials.name!r}"
                 )
 
-    def _fetch_file(self, bundle_id: str, f: dict, staging: Path, on_bytes) -> None:
+    def _fetch_file(self, bundle_id: str, f: dict, staging: Path, on_bytes) -> str:
+        """Download one file (resuming its .part), hashing as it arrives; returns its sha256."""
         final, part = staging / f["name"], staging / (f["name"] + ".part")
         if final.is_file() and sha256_file(final) == f["sha256"]:
-            return
+            return f["sha256"]
         final.parent.mkdir(parents=True, exist_ok=True)
         if part.exists() and part.stat().st_size > f["size"]:
             part.unlink()
+        digest = hashlib.sha256()
 
         def stream() -> None:
+            nonlocal digest
             offset = part.stat().st_size if part.exists() else 0
+            digest = _hash_prefix(part, offset)  # what is already on disk, after a restart or retry
             if offset == f["size"]:
                 return
             req = pb.DownloadRequest(
                 format_version=PROTOCOL_VERSION, bundle_id=bundle_id, file=f["name"], offset=offset
             )
             with open(part, "ab") as out:
-                for chunk in self.stub.Download(req, metadata=self.metadata):
+                for chunk in _prefetched(self.stub.Download(req, metadata=self.metadata)):
                     if (
                         chunk.offset != out.tell()
                         or len(chunk.data) > MAX_CHUNK_BYTES
@@ -183,16 +236,18 @@ class OwnerClient:
                             f"{f['name']}: server sent a chunk out of place; refusing it"
                         )
                     out.write(chunk.data)
+                    digest.update(chunk.data)
                     if on_bytes:
                         on_bytes(len(chunk.data))
 
         self._call(stream, f"download {f['name']}")
-        if part.stat().st_size != f["size"] or sha256_file(part) != f["sha256"]:
+        if part.stat().st_size != f["size"] or digest.hexdigest() != f["sha256"]:
             part.unlink()
             raise VerificationError(
                 f"{f['name']}: downloaded bytes do not match the listed sha256; run the command again"
             )
         os.replace(part, final)
+        return digest.hexdigest()
 
     # upload
     def submit_adapter(
