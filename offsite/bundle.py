@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from offsite import __version__
 from offsite.architectures import block_prefix, get_blocks
@@ -16,6 +16,7 @@ from offsite.atomic import atomic_directory, write_json_atomic
 from offsite.emulator import build_emulator
 from offsite.errors import OffsiteError, VerificationError
 from offsite.fingerprint import model_fingerprint
+from offsite.loading import from_pretrained
 from offsite.manifest import check_files, field, hash_files, read_manifest
 from offsite.signing import Signer, verify_file
 from offsite.split import SplitPlan
@@ -64,7 +65,7 @@ class Bundle:
 
     def load_model(self, **kwargs) -> PreTrainedModel:
         """The emulator as a plain transformers model."""
-        return AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
+        return from_pretrained(self.path, **kwargs)
 
 
 def bundle_manifest(
@@ -109,11 +110,18 @@ def package_emulator(
     extra: dict | None = None,
     inplace: bool = False,
     signer: Signer | None = None,
+    emulator: PreTrainedModel | None = None,
 ) -> Bundle:
-    """Build the emulator for `plan` and write it as a bundle directory (signed if `signer`), atomically."""
+    """Write the emulator for `plan` as a bundle directory (signed if `signer`), atomically.
+
+    The emulator is built from `model` unless a prepared one (e.g. distilled) is passed.
+    """
     fingerprint = model_fingerprint(model)
     manifest = bundle_manifest(model, plan, base_name, fingerprint, extra)
-    emulator = build_emulator(model, plan, inplace=inplace)
+    if emulator is None:
+        emulator = build_emulator(model, plan, inplace=inplace)
+    elif len(get_blocks(emulator)) != len(plan.emulator_order):
+        raise OffsiteError("the prepared emulator does not have the plan's blocks")
     with atomic_directory(out, overwrite=overwrite) as tmp:
         emulator.save_pretrained(tmp)
         if tokenizer is not None:

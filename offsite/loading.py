@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,24 @@ class ModelSource:
 def cache_dir() -> Path:
     """Root of offsite's on-disk cache ($OFFSITE_CACHE, else ~/.cache/offsite)."""
     return Path(os.environ.get("OFFSITE_CACHE", Path.home() / ".cache" / "offsite"))
+
+
+# transformers' from_pretrained patches global state while it builds a model, so loads running
+# at once in several threads can leave later models with weights on the meta device; all of
+# this library's loads go through one lock.
+_LOAD_LOCK = threading.Lock()
+
+
+def from_pretrained(path: str | Path, **kwargs) -> PreTrainedModel:
+    """AutoModelForCausalLM.from_pretrained, serialised, refusing a model with unloaded weights."""
+    with _LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    unloaded = [n for n, t in model.state_dict().items() if t.device.type == "meta"]
+    if unloaded:
+        raise OffsiteError(
+            f"{path}: weights {', '.join(unloaded[:3])} were not loaded; the files are incomplete"
+        )
+    return model
 
 
 def resolve_model(spec: str) -> ModelSource:
@@ -80,7 +99,7 @@ def _gguf_cache_path(source: ModelSource) -> Path:
 
 def _convert_gguf(source: ModelSource, target: Path) -> None:
     log.info("converting %s to safetensors at %s (once)", source.gguf_file, target)
-    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file)
+    model = from_pretrained(source.path, gguf_file=source.gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     config = clean_config(model.config)
     plain = AutoModelForCausalLM.from_config(config)
@@ -123,7 +142,7 @@ def load_model(spec: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
     check_position_independent(config)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise OffsiteError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
     model.eval()

@@ -7,6 +7,7 @@ an uninterrupted one would have.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
+from offsite.atomic import write_json_atomic
 from offsite.checkpoint import load_checkpoint, read_checkpoint_state, save_checkpoint
 from offsite.data import TokenData, collate
 from offsite.errors import OffsiteError
@@ -133,6 +136,73 @@ def _validate(acc: Accelerator, model, data: TokenData, cfg: TrainConfig, pad_id
     return math.exp(float(total[0]) / max(float(total[1]), 1.0))
 
 
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's own next-token loss (labels shifted inside the model)."""
+    return model(**batch).loss
+
+
+class _Best:
+    """The trainable weights with the lowest validation perplexity so far (kept on disk if possible)."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root, self.state, self.step, self.perplexity = root, None, None, math.inf
+        if root is not None and (root / "best.json").is_file():
+            info = json.loads((root / "best.json").read_text())
+            self.step, self.perplexity = info["step"], info["val_perplexity"]
+            self.state = load_file(str(root / "best.safetensors"))
+
+    def offer(self, model: torch.nn.Module, step: int, perplexity: float, is_main: bool) -> None:
+        if not perplexity < self.perplexity:
+            return
+        self.step, self.perplexity = step, perplexity
+        self.state = {
+            n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad
+        }
+        if self.root is not None and is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            save_file(self.state, str(self.root / "best.safetensors"))
+            write_json_atomic(self.root / "best.json", {"step": step, "val_perplexity": perplexity})
+
+    @torch.no_grad()
+    def restore(self, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for name, value in (self.state or {}).items():
+            params[name].copy_(value)
+
+
+def _restore_or_refuse(
+    checkpoint_dir: Path | None, resume: bool, run_key: dict, model, optimizer, scheduler
+) -> int:
+    """The step to start from: a matching checkpoint's with --resume, else 0 (refusing to clobber one)."""
+    state = read_checkpoint_state(checkpoint_dir) if checkpoint_dir is not None else None
+    if state is None:
+        return 0
+    if not resume:
+        raise OffsiteError(
+            f"{checkpoint_dir}: a checkpoint exists; pass --resume to continue it or delete it"
+        )
+    if state.get("run_key") != run_key:
+        raise OffsiteError(
+            f"{checkpoint_dir}: checkpoint was made with other data, bundle or settings; drop --resume or delete it"
+        )
+    load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
+    log.info("resumed from step %d", state["step"])
+    return int(state["step"])
+
+
+def _steps_per_epoch(train_data: TokenData, cfg: TrainConfig, world: int) -> int:
+    steps = len(epoch_batches(len(train_data), cfg, 0, 0, world)) // cfg.grad_accum
+    if steps == 0:
+        raise OffsiteError(
+            f"{train_data.source}: {len(train_data)} training examples are fewer than one step needs "
+            f"(batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {world} processes); lower --batch-size or add data"
+        )
+    return steps
+
+
 def train(
     model: torch.nn.Module,
     train_data: TokenData,
@@ -145,21 +215,19 @@ def train(
     run_key: dict | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     accelerator: Accelerator | None = None,
+    loss_fn: LossFn = lm_loss,
+    keep_best: bool = False,
 ) -> dict:
-    """Train the parameters of `model` that require grad; returns a JSON-ready summary."""
+    """Train the parameters of `model` that require grad; returns a JSON-ready summary.
+
+    `loss_fn(model, batch)` gives the loss (default: the LM loss); with `keep_best` the weights
+    with the best validation perplexity are restored at the end.
+    """
     acc = accelerator or make_accelerator(cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise OffsiteError("nothing to train: no parameter requires grad")
-    steps_per_epoch = (
-        len(epoch_batches(len(train_data), cfg, 0, 0, acc.num_processes)) // cfg.grad_accum
-    )
-    if steps_per_epoch == 0:
-        raise OffsiteError(
-            f"{train_data.source}: {len(train_data)} training examples are fewer than one step needs "
-            f"(batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {acc.num_processes} processes); "
-            "lower --batch-size or add data"
-        )
+    steps_per_epoch = _steps_per_epoch(train_data, cfg, acc.num_processes)
     max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(
@@ -170,28 +238,8 @@ def train(
         "data": train_data.sha256,
         "config": {**asdict(cfg), "max_steps": None, "epochs": None},
     }
-
-    step = 0
-    if (
-        resume
-        and checkpoint_dir is not None
-        and (state := read_checkpoint_state(checkpoint_dir)) is not None
-    ):
-        if state.get("run_key") != run_key:
-            raise OffsiteError(
-                f"{checkpoint_dir}: checkpoint was made with other data, bundle or settings; drop --resume or delete it"
-            )
-        load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
-        step = int(state["step"])
-        log.info("resumed from step %d", step)
-    elif (
-        checkpoint_dir is not None
-        and not resume
-        and read_checkpoint_state(checkpoint_dir) is not None
-    ):
-        raise OffsiteError(
-            f"{checkpoint_dir}: a checkpoint exists; pass --resume to continue it or delete it"
-        )
+    step = _restore_or_refuse(checkpoint_dir, resume, run_key, model, optimizer, scheduler)
+    best = _Best(checkpoint_dir if keep_best else None)
 
     model.train()
     model, optimizer = acc.prepare(model, optimizer)
@@ -206,7 +254,7 @@ def train(
                 for k, v in collate([train_data.examples[i] for i in ix], pad_id).items()
             }
             with acc.accumulate(model), acc.autocast():
-                loss = model(**batch).loss
+                loss = loss_fn(model, batch)
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
@@ -226,6 +274,8 @@ def train(
                 step == max_steps or (cfg.eval_every and step % cfg.eval_every == 0)
             ):
                 val_ppl = _validate(acc, model, val_data, cfg, pad_id)
+                if keep_best:
+                    best.offer(acc.unwrap_model(model), step, val_ppl, acc.is_main_process)
             history.append(
                 {
                     "step": step,
@@ -265,7 +315,8 @@ def train(
             if step >= max_steps:
                 break
     acc.wait_for_everyone()
-    elapsed = time.perf_counter() - t0
+    if keep_best and best.state is not None:
+        best.restore(acc.unwrap_model(model))
     return {
         "steps": step,
         "max_steps": max_steps,
@@ -274,8 +325,10 @@ def train(
         "val_examples": len(val_data) if val_data is not None else 0,
         "final_loss": history[-1]["loss"] if history else None,
         "val_perplexity": val_ppl,
+        "best_step": best.step if keep_best else None,
+        "best_val_perplexity": best.perplexity if keep_best and best.state is not None else None,
         "tokens_this_run": tokens,
-        "seconds_this_run": round(elapsed, 3),
+        "seconds_this_run": round(time.perf_counter() - t0, 3),
         "processes": acc.num_processes,
         "data_sha256": train_data.sha256,
         "config": asdict(cfg),

@@ -15,10 +15,12 @@ from offsite.evaluation import perplexity_on_file
 from offsite.fingerprint import model_fingerprint
 from offsite.loading import DEFAULT_MODEL, load_model, load_tokenizer
 from offsite.owner_home import enroll, init_home, listing, open_home
+from offsite.packaging import EmulatorRecipe, make_emulator
 from offsite.signing import Signer, load_public
 from offsite.split import make_plan
+from offsite.training import TrainConfig
 from offsite_cli.args import add_dtype, add_eval, dtype_of, int_list
-from offsite_cli.progress import counting_bar
+from offsite_cli.progress import TrainingBar, counting_bar
 from offsite_cli.runner import make_parser, print_json, run, subparsers
 
 MERGE_RECORD = "offsite_merge.json"
@@ -74,16 +76,23 @@ def cmd_package(args: argparse.Namespace) -> None:
                 f"--for {args.for_!r}: no active data owner by that name; enroll it first"
             )
     check_output_dir(args.out, args.overwrite)
+    recipe = _recipe(args)
     model = load_model(args.model, dtype=dtype_of(args))
+    tokenizer = load_tokenizer(args.model)
     plan = make_plan(
         num_blocks(model.config),
         adapter_bottom=args.adapter_bottom, adapter_top=args.adapter_top, adapter_blocks=args.adapter_blocks,
         emulator_layers=args.emulator_layers, drop_ratio=args.drop_ratio, kept_blocks=args.emulator_blocks,
     )  # fmt: skip
+    bar = TrainingBar("distilling")
+    try:
+        emulator, plan, record = make_emulator(model, tokenizer, plan, recipe, on_step=bar)
+    finally:
+        bar.close()
     signer = Signer("model-owner", home.signing_key) if home else None
-    extra = {"issued_to": args.for_} if home else None
-    bundle = package_emulator(model, load_tokenizer(args.model), plan, args.out, base_name=args.model,
-                              overwrite=args.overwrite, inplace=True, signer=signer, extra=extra)  # fmt: skip
+    extra = {"emulator_recipe": record, **({"issued_to": args.for_} if home else {})}
+    bundle = package_emulator(model, tokenizer, plan, args.out, base_name=args.model, overwrite=args.overwrite,
+                              signer=signer, extra=extra, emulator=emulator)  # fmt: skip
     if home is not None:
         registry = home.registry()
         try:
@@ -99,6 +108,20 @@ def cmd_package(args: argparse.Namespace) -> None:
             registry.close()
     print_json({"bundle": str(bundle.path), "bundle_id": bundle.bundle_id, "issued_to": args.for_,
                 "adapter_blocks": list(plan.adapter), "kept_blocks": list(plan.kept), "dropped_blocks": list(plan.dropped)})  # fmt: skip
+
+
+def _recipe(args: argparse.Namespace) -> EmulatorRecipe:
+    distill = TrainConfig(max_steps=args.distill_steps, learning_rate=args.distill_lr, warmup_steps=args.distill_warmup,
+                          batch_size=args.distill_batch_size, lr_scheduler="cosine", save_every=args.save_every,
+                          eval_every=args.distill_eval_every)  # fmt: skip
+    path = lambda value: Path(value) if value else None  # noqa: E731
+    return EmulatorRecipe(
+        selection="explicit" if args.emulator_blocks else args.selection, selection_data=path(args.selection_data),
+        distill_data=path(args.distill_data), distill=distill, distill_weight=args.distill_weight,
+        block_size=args.block_size, prune=args.prune, quantize_bits=args.quantize_bits,
+        checkpoint_dir=path(args.checkpoint_dir) or (Path(args.out + ".ckpt") if args.distill_data else None),
+        resume=args.resume,
+    )  # fmt: skip
 
 
 def _registered_adapter(args: argparse.Namespace) -> tuple[Path, str | None, str | None]:
@@ -231,6 +254,70 @@ def _add_package(sub) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     add_dtype(p)
+    g = p.add_argument_group("emulator quality")
+    g.add_argument("--selection", choices=["uniform", "redundancy", "similarity"], default="uniform",
+                   help="which middle blocks to keep: uniform (paper), redundancy (drop blocks that change their input least), "
+                   "similarity (CRaSh-style clusters); default uniform")  # fmt: skip
+    g.add_argument(
+        "--selection-data",
+        default=None,
+        help="sample text to measure blocks on (default: --distill-data)",
+    )
+    g.add_argument(
+        "--distill-data",
+        default=None,
+        help="public corpus (.txt/.jsonl): distil the kept blocks on it",
+    )
+    g.add_argument(
+        "--distill-steps", type=int, default=200, help="distillation optimizer steps (default 200)"
+    )
+    g.add_argument(
+        "--distill-lr",
+        type=float,
+        default=1e-4,
+        help="distillation learning rate (default 1e-4, cosine)",
+    )
+    g.add_argument("--distill-warmup", type=int, default=20, help="warm-up steps (default 20)")
+    g.add_argument(
+        "--distill-weight",
+        type=float,
+        default=30.0,
+        help="weight w of the hidden-state loss (default 30)",
+    )
+    g.add_argument(
+        "--distill-batch-size", type=int, default=4, help="sequences per step (default 4)"
+    )
+    g.add_argument(
+        "--distill-eval-every",
+        type=int,
+        default=50,
+        help="validate (and keep the best) every N steps",
+    )
+    g.add_argument(
+        "--block-size",
+        type=int,
+        default=256,
+        help="tokens per sequence for selection and distillation",
+    )
+    g.add_argument(
+        "--save-every", type=int, default=50, help="distillation checkpoint every N steps"
+    )
+    g.add_argument(
+        "--checkpoint-dir", default=None, help="distillation checkpoints (default OUT.ckpt)"
+    )
+    g.add_argument("--resume", action="store_true", help="continue an interrupted distillation")
+    g.add_argument(
+        "--prune",
+        type=float,
+        default=0.0,
+        help="magnitude-prune this share of emulator block weights",
+    )
+    g.add_argument(
+        "--quantize-bits",
+        type=int,
+        default=None,
+        help="round emulator block weights to N-bit integers",
+    )
     p.set_defaults(func=cmd_package)
 
 

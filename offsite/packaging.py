@@ -1,0 +1,92 @@
+"""The model owner's emulator recipe: choose blocks, optionally distil and compress, then bundle."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+from offsite.compress import prune_magnitude, quantize_weights
+from offsite.data import load_data, pad_id_of, split_validation
+from offsite.distill import DEFAULT_WEIGHT, distill_emulator
+from offsite.emulator import build_emulator
+from offsite.errors import OffsiteError
+from offsite.selection import STRATEGIES, block_stats, select_plan
+from offsite.split import SplitPlan
+from offsite.training import StepInfo, TrainConfig
+
+
+@dataclass(frozen=True)
+class EmulatorRecipe:
+    """How to turn the split plan into an emulator (everything optional but the selection rule)."""
+
+    selection: str = "uniform"
+    selection_data: Path | None = None
+    distill_data: Path | None = None
+    distill: TrainConfig = field(
+        default_factory=lambda: TrainConfig(max_steps=200, learning_rate=1e-4, warmup_steps=20)
+    )
+    distill_weight: float = DEFAULT_WEIGHT
+    block_size: int = 256
+    val_fraction: float = 0.05
+    prune: float = 0.0
+    quantize_bits: int | None = None
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.selection not in STRATEGIES:
+            raise OffsiteError(
+                f"--selection {self.selection!r} unknown; choose one of {', '.join(STRATEGIES)}"
+            )
+        if (
+            self.selection in ("redundancy", "similarity")
+            and self.selection_data is None
+            and self.distill_data is None
+        ):
+            raise OffsiteError(
+                f"--selection {self.selection} measures blocks on sample text: give --selection-data FILE"
+            )
+        if self.distill_weight < 0:
+            raise OffsiteError("--distill-weight must be >= 0")
+
+
+def make_emulator(
+    full: PreTrainedModel,
+    tokenizer,
+    plan: SplitPlan,
+    recipe: EmulatorRecipe,
+    *,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> tuple[PreTrainedModel, SplitPlan, dict]:
+    """The emulator, the final plan and a manifest record of how it was made."""
+    record: dict = {"selection": {"strategy": recipe.selection}}
+    if recipe.selection in ("redundancy", "similarity"):
+        sample = load_data(
+            recipe.selection_data or recipe.distill_data, tokenizer, recipe.block_size
+        )
+        stats = block_stats(full, sample)
+        plan = select_plan(plan, recipe.selection, stats)
+        record["selection"]["redundancy"] = [round(x, 5) for x in stats.redundancy]
+    record["selection"].update(strategy=plan.strategy, kept=list(plan.kept))
+    if recipe.distill_data is not None:
+        data = load_data(recipe.distill_data, tokenizer, recipe.block_size)
+        train_data, val_data = split_validation(data, recipe.val_fraction, recipe.distill.seed)
+        emulator, summary = distill_emulator(
+            full, plan, train_data, recipe.distill, pad_id=pad_id_of(tokenizer), weight=recipe.distill_weight,
+            val_data=val_data, checkpoint_dir=recipe.checkpoint_dir, resume=recipe.resume, on_step=on_step,
+        )  # fmt: skip
+        record["distillation"] = {k: summary[k] for k in ("steps", "best_step", "best_val_perplexity", "val_perplexity",
+                                                          "weight", "data_sha256", "config")}  # fmt: skip
+    else:
+        emulator = build_emulator(full, plan)
+    positions = [plan.emulator_order.index(i) for i in plan.kept]
+    if recipe.prune:
+        prune_magnitude(emulator, positions, recipe.prune)
+        record["pruning"] = {"method": "magnitude", "sparsity": recipe.prune}
+    if recipe.quantize_bits:
+        quantize_weights(emulator, positions, recipe.quantize_bits)
+        record["quantization"] = {"method": "symmetric per-row", "bits": recipe.quantize_bits}
+    return emulator, plan, record
