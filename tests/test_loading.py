@@ -14,7 +14,9 @@ def test_concurrent_loads_leave_later_models_whole(tmp_path):
     # leave the next tied-weights model with lm_head on the meta device.
     save_tiny("llama", tmp_path / "llama")
     save_tiny("gemma", tmp_path / "gemma")
-    threads = [threading.Thread(target=load_model, args=(str(tmp_path / "llama"),)) for _ in range(8)]
+    threads = [
+        threading.Thread(target=load_model, args=(str(tmp_path / "llama"),)) for _ in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
