@@ -59,6 +59,13 @@ class Bundle:
         """Full-model indices of the adapter blocks."""
         return [b["source"] for b in self.manifest["blocks"] if b["role"] == "adapter"]
 
+    @property
+    def plan(self) -> SplitPlan:
+        """The split plan this bundle was made with."""
+        e = self.manifest["emulator"]
+        return SplitPlan(self.manifest["base_model"]["num_layers"], tuple(self.adapter_sources),
+                         tuple(e["kept"]), e.get("strategy", "uniform"))  # fmt: skip
+
     def verify_signature(self, owner_key) -> str:
         """Check the owner's signature over the manifest; returns the signer name."""
         return verify_file(self.path / MANIFEST_NAME, self.path / SIGNATURE_NAME, owner_key)

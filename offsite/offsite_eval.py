@@ -105,3 +105,19 @@ def evaluate_offsite(
         r["curves"]["full_finetune"] = [h["loss"] for h in summary["history"]]
         r["full_finetuned"] = perplexity(tuned, held, pad_id=pad)["perplexity"]
     return {**r, **derived(r)}
+
+
+def five_settings_table(r: dict) -> str:
+    """The five numbers and the two derived figures as a Markdown table."""
+    rows = [("full model zero-shot", r["full_zero_shot"]), ("emulator zero-shot", r["emulator_zero_shot"]),
+            ("emulator fine-tuned (data owner alone)", r["emulator_finetuned"]),
+            ("plug-in (full model + adapter)", r["plug_in"]), ("full-model fine-tuning", r.get("full_finetuned"))]  # fmt: skip
+    lines = ["| setting | held-out perplexity |", "|---|---|"]
+    lines += [
+        f"| {name} | {value:.2f} |" if value is not None else f"| {name} | not run |"
+        for name, value in rows
+    ]
+    if r.get("gap_closed") is not None:
+        lines.append(f"| gap closed by plug-in | {100 * r['gap_closed']:.0f}% |")
+    lines.append(f"| privacy margin (emulator fine-tuned / plug-in) | {r['privacy_margin']:.2f}x |")
+    return "\n".join(lines) + "\n"

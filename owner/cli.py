@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from offsite.adapter import open_adapter, plug_adapter, save_merged, verify_adapter
 from offsite.architectures import num_blocks
-from offsite.atomic import check_output_dir
+from offsite.atomic import atomic_directory, check_output_dir
 from offsite.bundle import open_bundle, package_emulator
 from offsite.errors import OffsiteError
 from offsite.evaluation import perplexity_on_file
 from offsite.fingerprint import model_fingerprint
 from offsite.loading import DEFAULT_MODEL, load_model, load_tokenizer
+from offsite.offsite_eval import TaskFiles, evaluate_offsite, five_settings_table
 from offsite.owner_home import enroll, init_home, listing, open_home
 from offsite.packaging import EmulatorRecipe, make_emulator
 from offsite.signing import Signer, load_public
@@ -192,6 +194,36 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(
         open_home(args.home), args.listen, insecure=args.insecure_dev, chunk_bytes=args.chunk_bytes
     )
+
+
+def cmd_evaluate_offsite(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    check_output_dir(out, args.overwrite)
+    bundle = open_bundle(args.bundle)
+    model = load_model(args.model, dtype=dtype_of(args))
+    if model_fingerprint(model) != bundle.base_fingerprint:
+        raise OffsiteError(f"{args.bundle}: bundle was not made from --model {args.model}")
+    task = TaskFiles(Path(args.train), Path(args.test), args.block_size, args.max_sequences)
+    cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                      warmup_steps=args.warmup_steps, seed=args.seed, save_every=0)  # fmt: skip
+    bar = TrainingBar("training")
+    try:
+        result = evaluate_offsite(model, load_tokenizer(args.model), bundle.plan, bundle.load_model(), task, cfg,
+                                  full_finetune=not args.no_full_finetune, on_step=bar,
+                                  on_phase=lambda name: print(f"== {name}", file=sys.stderr, flush=True))  # fmt: skip
+    finally:
+        bar.close()
+    result = {
+        "model": args.model,
+        "bundle": str(bundle.path),
+        "train": args.train,
+        "test": args.test,
+        **result,
+    }
+    with atomic_directory(out, overwrite=args.overwrite) as tmp:
+        (tmp / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        (tmp / "result.md").write_text(five_settings_table(result))
+    print_json({k: v for k, v in result.items() if k != "curves"})
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -392,6 +424,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     add_dtype(p)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "evaluate-offsite", help="the five settings on one task: table in OUT/result.md and .json"
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the full model the bundle was made from")
+    p.add_argument("--bundle", required=True, help="the emulator bundle to evaluate")
+    p.add_argument("--train", required=True, help="task training data (.txt/.jsonl)")
+    p.add_argument("--test", required=True, help="task held-out data (.txt/.jsonl)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=40,
+        help="fine-tuning steps, the same for emulator and full model",
+    )
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--learning-rate", type=float, default=2e-4)
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument(
+        "--max-sequences", type=int, default=None, help="evaluate on the first N held-out sequences"
+    )
+    p.add_argument(
+        "--no-full-finetune",
+        action="store_true",
+        help="skip the costly full-model fine-tuning ceiling",
+    )
+    p.add_argument("--out", required=True, help="directory for result.json and result.md")
+    p.add_argument("--overwrite", action="store_true")
+    add_dtype(p)
+    p.set_defaults(func=cmd_evaluate_offsite)
 
     p = sub.add_parser("evaluate", help="perplexity of a model on held-out data, JSON on stdout")
     p.add_argument(

@@ -10,7 +10,12 @@ from offsite.training import TrainConfig
 
 
 def test_derived_figures_by_hand():
-    r = {"full_zero_shot": 40.0, "plug_in": 25.0, "full_finetuned": 20.0, "emulator_finetuned": 50.0}
+    r = {
+        "full_zero_shot": 40.0,
+        "plug_in": 25.0,
+        "full_finetuned": 20.0,
+        "emulator_finetuned": 50.0,
+    }
     assert derived(r) == {"gap_closed": 0.75, "privacy_margin": 2.0}
     assert "gap_closed" not in derived({**r, "full_finetuned": None})
 
@@ -23,10 +28,21 @@ def test_five_settings_on_a_tiny_model(tokenizer, corpus_file, tmp_path):
     phases = []
     r = evaluate_offsite(full, tokenizer, plan, build_emulator(full, plan), task,
                          TrainConfig(max_steps=4, batch_size=2, learning_rate=5e-3), on_phase=phases.append)  # fmt: skip
-    for key in ("full_zero_shot", "emulator_zero_shot", "emulator_finetuned", "plug_in", "full_finetuned"):
+    for key in (
+        "full_zero_shot",
+        "emulator_zero_shot",
+        "emulator_finetuned",
+        "plug_in",
+        "full_finetuned",
+    ):
         assert math.isfinite(r[key]) and r[key] > 1, key
-    assert r["emulator_finetuned"] < r["emulator_zero_shot"] and r["full_finetuned"] < r["full_zero_shot"]
+    assert (
+        r["emulator_finetuned"] < r["emulator_zero_shot"]
+        and r["full_finetuned"] < r["full_zero_shot"]
+    )
     assert len(r["curves"]["emulator_finetune"]) == 4 and len(r["curves"]["full_finetune"]) == 4
     assert math.isclose(r["privacy_margin"], r["emulator_finetuned"] / r["plug_in"])
     assert phases[0] == "full model zero-shot" and phases[-1] == "full-model fine-tuning"
-    assert all(torch.equal(v, before[k]) for k, v in full.state_dict().items()), "the full model is left as it was"
+    assert all(torch.equal(v, before[k]) for k, v in full.state_dict().items()), (
+        "the full model is left as it was"
+    )
