@@ -15,11 +15,10 @@ from offsite.adapter import open_adapter, plug_into_emulator
 from offsite.bundle import Bundle, check_bundle_model, open_bundle
 from offsite.credentials import load_credentials
 from offsite.errors import OffsiteError
-from offsite.evaluation import perplexity_on_file
 from offsite.finetune import FinetuneJob, finetune_bundle
 from offsite.signing import Signer, load_private, load_public
 from offsite_cli.args import add_eval, add_training, train_config
-from offsite_cli.progress import TrainingBar, counting_bar
+from offsite_cli.progress import TrainingBar, perplexity_with_bar
 from offsite_cli.runner import make_parser, print_json, run, subparsers
 
 
@@ -142,14 +141,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     check_bundle_model(bundle, model)
     if args.adapter:
         plug_into_emulator(model, bundle, open_adapter(args.adapter))
-    advance, close = counting_bar(args.max_sequences, "evaluating")
-    try:
-        result = perplexity_on_file(
-            model, AutoTokenizer.from_pretrained(bundle.path), args.data, block_size=args.block_size,
-            batch_size=args.batch_size, max_sequences=args.max_sequences, on_batch=advance,
-        )  # fmt: skip
-    finally:
-        close()
+    result = perplexity_with_bar(model, AutoTokenizer.from_pretrained(bundle.path), args)
     print_json({"bundle": str(bundle.path), "adapter": args.adapter, **result})
 
 

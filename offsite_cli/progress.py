@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
+from offsite.evaluation import perplexity_on_file
 from offsite.training import StepInfo
 
 
@@ -44,3 +45,15 @@ def counting_bar(total: int | None, desc: str) -> tuple[Callable[[int], None], C
     """An (advance, close) pair around a tqdm bar of `total` items."""
     bar = tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True, leave=False)
     return bar.update, bar.close
+
+
+def perplexity_with_bar(model, tokenizer, args) -> dict:
+    """Perplexity on --data with the --block-size/--batch-size/--max-sequences options, with a bar."""
+    advance, close = counting_bar(args.max_sequences, "evaluating")
+    try:
+        return perplexity_on_file(
+            model, tokenizer, args.data, block_size=args.block_size, batch_size=args.batch_size,
+            max_sequences=args.max_sequences, on_batch=advance,
+        )  # fmt: skip
+    finally:
+        close()

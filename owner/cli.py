@@ -12,7 +12,6 @@ from offsite.architectures import num_blocks
 from offsite.atomic import atomic_directory, check_output_dir
 from offsite.bundle import open_bundle, package_emulator
 from offsite.errors import OffsiteError
-from offsite.evaluation import perplexity_on_file
 from offsite.fingerprint import model_fingerprint
 from offsite.loading import DEFAULT_MODEL, load_model, load_tokenizer
 from offsite.offsite_eval import TaskFiles, evaluate_offsite, five_settings_table
@@ -22,7 +21,7 @@ from offsite.signing import Signer, load_public
 from offsite.split import make_plan
 from offsite.training import TrainConfig
 from offsite_cli.args import add_dtype, add_eval, dtype_of, int_list
-from offsite_cli.progress import TrainingBar, counting_bar
+from offsite_cli.progress import TrainingBar, perplexity_with_bar
 from offsite_cli.runner import make_parser, print_json, run, subparsers
 
 MERGE_RECORD = "offsite_merge.json"
@@ -228,15 +227,9 @@ def cmd_evaluate_offsite(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     model = load_model(args.model, dtype=dtype_of(args))
-    advance, close = counting_bar(args.max_sequences, "evaluating")
-    try:
-        result = perplexity_on_file(
-            model, load_tokenizer(args.model), args.data, block_size=args.block_size,
-            batch_size=args.batch_size, max_sequences=args.max_sequences, on_batch=advance,
-        )  # fmt: skip
-    finally:
-        close()
-    print_json({"model": args.model, **result})
+    print_json(
+        {"model": args.model, **perplexity_with_bar(model, load_tokenizer(args.model), args)}
+    )
 
 
 def _add_package(sub) -> None:

@@ -237,7 +237,14 @@ def test_evaluate_offsite_writes_the_five_settings(flow, tmp_path, capsys):
     capsys.readouterr()
     assert owner([*args, "--model", str(flow / "model"), "--out", str(tmp_path / "r")]) == 0
     result = json.loads((tmp_path / "r" / "result.json").read_text())
-    assert {"full_zero_shot", "emulator_zero_shot", "emulator_finetuned", "plug_in", "full_finetuned", "gap_closed"} <= set(result)
+    assert {
+        "full_zero_shot",
+        "emulator_zero_shot",
+        "emulator_finetuned",
+        "plug_in",
+        "full_finetuned",
+        "gap_closed",
+    } <= set(result)
     assert "| plug-in (full model + adapter) |" in (tmp_path / "r" / "result.md").read_text()
     _expect_error(capsys, owner, [*args, "--model", str(flow / "other"), "--out", str(tmp_path / "r2")],
                   "bundle was not made from --model", tmp_path / "r2")  # fmt: skip

@@ -10,7 +10,8 @@ import grpc
 import pytest
 import torch
 from exchange_env import make_env, signer_of, thread_server, untrained_adapter
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from test_cli import _rewrite_adapter
 
 from offsite.adapter import ADAPTER_MANIFEST, WEIGHTS_NAME, open_adapter
 from offsite.atomic import sha256_file
@@ -253,16 +254,7 @@ def test_tampered_manifest_and_wrong_signature_are_rejected(env, tmp_path, capsy
 
 
 def _tamper_adapter(path, mutate, creds):
-    tensors = load_file(str(path / WEIGHTS_NAME))
-    mutate(tensors)
-    save_file(tensors, str(path / WEIGHTS_NAME))
-    m = json.loads((path / ADAPTER_MANIFEST).read_text())
-    m["files"][WEIGHTS_NAME] = sha256_file(path / WEIGHTS_NAME)
-    m["tensors"] = {
-        k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
-        for k, v in tensors.items()
-    }
-    (path / ADAPTER_MANIFEST).write_text(json.dumps(m))
+    _rewrite_adapter(path, mutate)
     signer_of(creds).sign(path / ADAPTER_MANIFEST, path / "adapter_manifest.sig")
 
 
