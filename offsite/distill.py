@@ -47,8 +47,17 @@ class DistillLoss:
 
     def __post_init__(self) -> None:
         self._student_hidden: torch.Tensor | None = None
-        self.student_block.register_forward_hook(self._capture)
-        self.teacher_block.register_forward_hook(self._stop)
+        self._handles = [
+            self.student_block.register_forward_hook(self._capture),
+            self.teacher_block.register_forward_hook(self._stop),
+        ]
+
+    def remove(self) -> None:
+        """Take the hooks off both models (the teacher is the caller's full model)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._student_hidden = None
 
     def _capture(self, module, args, output) -> None:
         self._student_hidden = _hidden(output)
@@ -122,11 +131,14 @@ def distill_emulator(
     acc = make_accelerator(cfg)
     student, loss = student_and_loss(full, plan, weight)
     full.to(acc.device)
-    summary = train(
-        student, train_data, cfg, pad_id=pad_id, val_data=val_data, checkpoint_dir=checkpoint_dir, resume=resume,
-        run_key={"plan": [list(plan.adapter), list(plan.kept)], "weight": weight}, on_step=on_step,
-        accelerator=acc, loss_fn=loss, keep_best=val_data is not None,
-    )  # fmt: skip
+    try:
+        summary = train(
+            student, train_data, cfg, pad_id=pad_id, val_data=val_data, checkpoint_dir=checkpoint_dir, resume=resume,
+            run_key={"plan": [list(plan.adapter), list(plan.kept)], "weight": weight}, on_step=on_step,
+            accelerator=acc, loss_fn=loss, keep_best=val_data is not None,
+        )  # fmt: skip
+    finally:
+        loss.remove()
     student = acc.unwrap_model(student)
     student.requires_grad_(False)
     return student.eval(), {**summary, "weight": weight, "history": summary["history"][-50:]}

@@ -139,3 +139,18 @@ def test_bundles_from_every_strategy_pass_the_core_invariants(
     stored = {k for k in loaded.state_dict() if k.startswith(prefix)}
     assert {int(k.split(".")[2]) for k in stored} == set(range(len(plan.emulator_order)))
     assert CORPUS  # sample used above
+
+
+def test_distillation_leaves_the_full_model_usable(sample):
+    from offsite.distill import distill_emulator
+
+    full = tiny_model("llama")
+    x = torch.randint(3, VOCAB, (1, 8))
+    with torch.no_grad():
+        before = full(x).logits
+    student, summary = distill_emulator(full, make_plan(DEPTH, emulator_layers=2), sample,
+                                        TrainConfig(max_steps=2, batch_size=2), pad_id=0, val_data=sample)  # fmt: skip
+    with torch.no_grad():  # the teacher's stop-hook used to stay on the full model and break this
+        assert torch.equal(full(x).logits, before)
+        student(x)
+    assert summary["best_step"] in (1, 2) and not any(p.requires_grad for p in student.parameters())
