@@ -16,8 +16,13 @@ class TrainingBar:
     def __init__(self, desc: str = "fine-tuning") -> None:
         self.desc = desc
         self.bar: tqdm | None = None
+        self.last_step = 0
 
     def __call__(self, info: StepInfo) -> None:
+        if self.bar is not None and info.step <= self.last_step:
+            self.close()  # a second training run reports to the same callback: start a fresh bar
+            self.bar = None
+        self.last_step = info.step
         if self.bar is None:
             self.bar = tqdm(
                 total=info.max_steps,
