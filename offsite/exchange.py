@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 from offsite.adapter import (
     ADAPTER_MANIFEST,
@@ -261,8 +264,11 @@ class OwnerService:
 
 
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    size = {"float64": 8, "float32": 4, "int64": 8, "int32": 4}.get(dtype, 2)
-    n = 1
-    for s in shape:
-        n *= s
-    return n * size
+    """Bytes a tensor of this dtype name (as in tensorcheck, e.g. 'float32') and shape takes."""
+    torch_dtype = getattr(torch, dtype, None)
+    size = (
+        torch.empty(0, dtype=torch_dtype).element_size()
+        if isinstance(torch_dtype, torch.dtype)
+        else 2
+    )
+    return math.prod(shape) * size

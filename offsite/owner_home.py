@@ -6,12 +6,11 @@ home/ca.pem ca.key server.pem server.key signing.key signing.pub registry.sqlite
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from offsite.atomic import sha256_file, write_bytes_atomic
-from offsite.bundle import MANIFEST_NAME, SIGNATURE_NAME
+from offsite.bundle import MANIFEST_NAME, SIGNATURE_NAME, Bundle
 from offsite.credentials import Credentials
 from offsite.errors import OffsiteError
 from offsite.pki import KeyPair, cert_fingerprint, issue_client, issue_server, make_ca
@@ -111,27 +110,29 @@ def enroll(home: OwnerHome, name: str) -> Credentials:
     client = issue_client(home.ca, name)
     signing = new_signing_key()
     owner_pub = public_pem(home.signing_key.public_key()).decode()
-    registry = home.registry()
-    try:
+    with home.registry() as registry:
         registry.add_data_owner(
             name, cert_fingerprint(client.cert_pem), public_pem(signing.public_key()).decode()
         )
-    finally:
-        registry.close()
     return Credentials(name=name, ca_cert=home.ca.cert_pem.decode(), client_cert=client.cert_pem.decode(),
                        client_key=client.key_pem.decode(), signing_key=private_pem(signing).decode(),
                        owner_public_key=owner_pub)  # fmt: skip
 
 
-def listing(bundle_path: Path) -> list[dict]:
-    """Name, size and sha256 of every file a data owner downloads for a bundle."""
-    manifest = json.loads((bundle_path / MANIFEST_NAME).read_text())
-    names = [*manifest["files"], MANIFEST_NAME, SIGNATURE_NAME]
+def listing(bundle: Bundle) -> list[dict]:
+    """Name, size and sha256 of every file a data owner downloads for a (verified) bundle.
+
+    The manifest's own digests were checked when `bundle` was opened, so only the manifest and
+    its signature are hashed here.
+    """
+    digests = {**bundle.manifest["files"]}
+    for name in (MANIFEST_NAME, SIGNATURE_NAME):
+        digests[name] = sha256_file(bundle.path / name)
     return [
         {
             "name": n,
-            "size": (bundle_path / n).stat().st_size,
-            "sha256": sha256_file(bundle_path / n),
+            "size": (bundle.path / n).stat().st_size,
+            "sha256": digest,
         }
-        for n in names
+        for n, digest in digests.items()
     ]

@@ -54,11 +54,8 @@ def cmd_enroll(args: argparse.Namespace) -> None:
 
 
 def cmd_revoke(args: argparse.Namespace) -> None:
-    registry = open_home(args.home).registry()
-    try:
+    with open_home(args.home).registry() as registry:
         registry.revoke(args.name)
-    finally:
-        registry.close()
     print_json({"revoked": args.name})
 
 
@@ -69,9 +66,8 @@ def cmd_package(args: argparse.Namespace) -> None:
         )
     home = open_home(args.home) if args.home else None
     if home is not None:
-        registry = home.registry()
-        owner = registry.data_owner(args.for_)
-        registry.close()
+        with home.registry() as registry:
+            owner = registry.data_owner(args.for_)
         if owner is None or owner.revoked_at:
             raise OffsiteError(
                 f"--for {args.for_!r}: no active data owner by that name; enroll it first"
@@ -95,18 +91,9 @@ def cmd_package(args: argparse.Namespace) -> None:
     bundle = package_emulator(model, tokenizer, plan, args.out, base_name=args.model, overwrite=args.overwrite,
                               signer=signer, extra=extra, emulator=emulator)  # fmt: skip
     if home is not None:
-        registry = home.registry()
-        try:
-            registry.add_bundle(
-                bundle.bundle_id,
-                args.for_,
-                bundle.path.name,
-                str(bundle.path.resolve()),
-                args.model,
-                listing(bundle.path),
-            )
-        finally:
-            registry.close()
+        with home.registry() as registry:
+            registry.add_bundle(bundle.bundle_id, args.for_, bundle.path.name, str(bundle.path.resolve()), args.model,
+                                listing(bundle))  # fmt: skip
     print_json({"bundle": str(bundle.path), "bundle_id": bundle.bundle_id, "issued_to": args.for_,
                 "adapter_blocks": list(plan.adapter), "kept_blocks": list(plan.kept), "dropped_blocks": list(plan.dropped)})  # fmt: skip
 
@@ -129,8 +116,7 @@ def _registered_adapter(args: argparse.Namespace) -> tuple[Path, str | None, str
     """(adapter dir, bundle path, model spec) for --adapter, looked up in --home's registry if given."""
     if args.home is None:
         return Path(args.adapter), args.bundle, args.model
-    registry = open_home(args.home).registry()
-    try:
+    with open_home(args.home).registry() as registry:
         record = registry.adapter(args.adapter)
         if record is None:
             raise OffsiteError(
@@ -140,8 +126,6 @@ def _registered_adapter(args: argparse.Namespace) -> tuple[Path, str | None, str
             raise OffsiteError(f"adapter {record['adapter_id']} was rejected: {record['reason']}")
         bundle = registry.bundle(record["bundle_id"])
         key = registry.data_owner(record["data_owner"]).signing_key
-    finally:
-        registry.close()
     open_adapter(record["path"]).verify_signature(load_public(key.encode(), "registry"))
     return Path(record["path"]), bundle["path"], args.model or bundle["model"]
 
@@ -164,11 +148,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_adapters(args: argparse.Namespace) -> None:
-    registry = open_home(args.home).registry()
-    try:
+    with open_home(args.home).registry() as registry:
         rows = registry.adapters()
-    finally:
-        registry.close()
     print_json(
         [
             {

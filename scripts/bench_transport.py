@@ -62,11 +62,10 @@ def _make_bundle(work: Path, size: int):
     from offsite.bundle import open_bundle
 
     bundle = open_bundle(bundle.path)
-    registry = home.registry()
-    registry.add_bundle(
-        bundle.bundle_id, "bench", "bundle", str(bundle.path), "tiny", listing(bundle.path)
-    )
-    registry.close()
+    with home.registry() as registry:
+        registry.add_bundle(
+            bundle.bundle_id, "bench", "bundle", str(bundle.path), "tiny", listing(bundle)
+        )
     creds.save(work / "bench.creds")
     return home, bundle
 

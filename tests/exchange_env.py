@@ -29,11 +29,10 @@ def issue_bundle(home: OwnerHome, model_dir: Path, name: str, out: Path) -> Bund
     bundle = package_emulator(load_model(str(model_dir)), load_tokenizer(str(model_dir)), make_plan(DEPTH, emulator_layers=2),
                               out, base_name=str(model_dir), signer=Signer("model-owner", home.signing_key),
                               extra={"issued_to": name}, inplace=True)  # fmt: skip
-    registry = home.registry()
-    registry.add_bundle(
-        bundle.bundle_id, name, out.name, str(out.resolve()), str(model_dir), listing(out)
-    )
-    registry.close()
+    with home.registry() as registry:
+        registry.add_bundle(
+            bundle.bundle_id, name, out.name, str(out.resolve()), str(model_dir), listing(bundle)
+        )
     return bundle
 
 

@@ -280,13 +280,12 @@ def test_bad_adapters_are_rejected_and_recorded(env, tmp_path, mutate, reason):
         ),
     ):
         client.submit_adapter(adapter)
-    registry = env["home"].registry()
-    rejected = [
-        r
-        for r in registry.adapters()
-        if r["status"] == "rejected" and reason.split(" [")[0] in r["reason"]
-    ]
-    registry.close()
+    with env["home"].registry() as registry:
+        rejected = [
+            r
+            for r in registry.adapters()
+            if r["status"] == "rejected" and reason.split(" [")[0] in r["reason"]
+        ]
     assert rejected and not any((env["home"].adapters / r["adapter_id"]).exists() for r in rejected)
 
 
@@ -329,9 +328,8 @@ def test_many_data_owners_at_once(tmp_path):
             t.join(timeout=300)
     assert not errors, errors
     assert all(r["status"] == "verified" for r in results.values()) and len(results) == 8
-    registry = home.registry()
-    owners = {r["adapter_id"]: r["data_owner"] for r in registry.adapters()}
-    registry.close()
+    with home.registry() as registry:
+        owners = {r["adapter_id"]: r["data_owner"] for r in registry.adapters()}
     assert sorted(owners.values()) == sorted(names)
     for name in names:
         assert open_adapter(tmp_path / f"a-{name}").manifest["bundle_id"] == bundles[name].bundle_id

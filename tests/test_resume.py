@@ -71,9 +71,8 @@ def test_upload_resumes_after_the_server_is_killed(served, tmp_path):
         result = client.submit_adapter(adapter, on_bytes=lambda n: (sent.append(n), killer(n)))
     assert killer.killed and result["status"] == "verified"
     assert sum(sent) < size + 4 * CHUNK, "resumed from the committed offset, not from zero"
-    registry = home.registry()
-    assert registry.upload(result["upload_id"])["state"] == "committed"
-    registry.close()
+    with home.registry() as registry:
+        assert registry.upload(result["upload_id"])["state"] == "committed"
     stored = home.adapters / result["adapter_id"]
     for name in ADAPTER_FILES:
         assert sha256_file(stored / name) == sha256_file(adapter / name), name

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
+from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
@@ -35,18 +37,23 @@ def _code(error: OffsiteError) -> grpc.StatusCode:
     return next(code for kind, code in _CODES if isinstance(error, kind))
 
 
+@contextlib.contextmanager
+def _refusals(name: str, context) -> Iterator[None]:
+    """Turn library errors raised inside the block into the matching gRPC status."""
+    try:
+        yield
+    except OffsiteError as e:
+        log.warning("%s refused: %s", name, e)
+        context.abort(_code(e), str(e))
+
+
 def _rpc(method):
     """Authenticate the caller, log the call, and turn library errors into gRPC status codes."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
-        try:
-            identity = self.identity(context)
-            log.info("%s %s", identity, method.__name__)
-            return method(self, identity, request, context)
-        except OffsiteError as e:
-            log.warning("%s refused: %s", method.__name__, e)
-            context.abort(_code(e), str(e))
+        with _refusals(method.__name__, context):
+            return method(self, self.caller(context, method.__name__), request, context)
 
     return wrapper
 
@@ -56,13 +63,8 @@ def _stream_rpc(method):
 
     @functools.wraps(method)
     def wrapper(self, request, context):
-        try:
-            identity = self.identity(context)
-            log.info("%s %s", identity, method.__name__)
-            yield from method(self, identity, request, context)
-        except OffsiteError as e:
-            log.warning("%s refused: %s", method.__name__, e)
-            context.abort(_code(e), str(e))
+        with _refusals(method.__name__, context):
+            yield from method(self, self.caller(context, method.__name__), request, context)
 
     return wrapper
 
@@ -73,6 +75,12 @@ class OffsiteServicer(pb_grpc.OffsiteServicer):
     def __init__(self, service: OwnerService, insecure: bool = False) -> None:
         self.service = service
         self.insecure = insecure
+
+    def caller(self, context, method: str) -> str:
+        """The authenticated identity of the caller, logged with the method it calls."""
+        identity = self.identity(context)
+        log.info("%s %s", identity, method)
+        return identity
 
     def identity(self, context) -> str:
         if self.insecure:
