@@ -59,7 +59,7 @@ def _encode(tokenizer, text: str) -> list[int]:
     ]
 
 
-def _pack(path: Path, ids: list[int], block_size: int) -> list[Example]:
+def _pack(path: Path | str, ids: list[int], block_size: int) -> list[Example]:
     n = len(ids) // block_size
     if n == 0:
         raise OffsiteError(
@@ -100,13 +100,13 @@ def _row_kind(path: Path, lineno: int, obj: dict) -> str:
 
 
 def _prompt_completion(
-    path: Path, rows: list[tuple[int, dict]], tokenizer, block_size: int
+    path: Path | str, pairs: list[tuple[str, str]], tokenizer, block_size: int
 ) -> list[Example]:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
-    for _, obj in rows:
-        prompt = _encode(tokenizer, obj["prompt"])
-        completion = _encode(tokenizer, obj["completion"]) + eos
+    for prompt_text, completion_text in pairs:
+        prompt = _encode(tokenizer, prompt_text)
+        completion = _encode(tokenizer, completion_text) + eos
         ids = (prompt + completion)[:block_size]
         labels = ([IGNORE_INDEX] * len(prompt) + completion)[:block_size]
         if any(label != IGNORE_INDEX for label in labels):
@@ -149,7 +149,9 @@ def load_data(path: str | Path, tokenizer, block_size: int) -> TokenData:
         )
     if kinds == {"prompt_completion"}:
         return TokenData(
-            _prompt_completion(path, rows, tokenizer, block_size),
+            _prompt_completion(
+                path, [(o["prompt"], o["completion"]) for _, o in rows], tokenizer, block_size
+            ),
             str(path),
             digest,
             "prompt_completion",
@@ -157,6 +159,23 @@ def load_data(path: str | Path, tokenizer, block_size: int) -> TokenData:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids = [t for _, obj in rows for t in _encode(tokenizer, obj["text"]) + eos]
     return TokenData(_pack(path, ids, block_size), str(path), digest, "packed")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def text_data(text: str, tokenizer, block_size: int, source: str) -> TokenData:
+    """Text held in memory (e.g. one part of a split file), packed into blocks."""
+    return TokenData(_pack(source, _encode(tokenizer, text), block_size), source, _digest(text), "packed")  # fmt: skip
+
+
+def pairs_data(pairs: list[tuple[str, str]], tokenizer, block_size: int, source: str) -> TokenData:
+    """Prompt/completion pairs held in memory; the loss is on the completion (and EOS) only."""
+    if not pairs:
+        raise OffsiteError(f"{source}: no training examples")
+    digest = _digest("\n".join(json.dumps(p) for p in pairs))
+    return TokenData(_prompt_completion(source, pairs, tokenizer, block_size), source, digest, "prompt_completion")  # fmt: skip
 
 
 def split_validation(

@@ -2,9 +2,9 @@
 
 full zero-shot, emulator zero-shot, emulator fine-tuned (what the data owner gets alone),
 plug-in (full model + returned adapter) and, optionally, full-model fine-tuning (the ceiling),
-all as held-out perplexity after the same number of steps on the same batches; plus the share of
-the zero-shot-to-full-fine-tuning gap the plug-in closes, and the privacy margin (how much worse
-the emulator fine-tuned stays than the plug-in).
+all on the same task (held-out perplexity or accuracy) after the same number of steps on the
+same batches; plus the share of the zero-shot-to-full-fine-tuning gap the plug-in closes, and the
+privacy margin (how much worse the emulator fine-tuned stays than the plug-in).
 """
 
 from __future__ import annotations
@@ -12,47 +12,45 @@ from __future__ import annotations
 import copy
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import PreTrainedModel
 
 from offsite.adapter import extract_adapter, plug_adapter
+from offsite.atomic import write_bytes_atomic, write_json_atomic
 from offsite.bundle import package_emulator
-from offsite.data import TokenData, load_data, pad_id_of
-from offsite.evaluation import perplexity
+from offsite.data import pad_id_of
 from offsite.finetune import freeze_except_adapter
 from offsite.split import SplitPlan
+from offsite.task_eval import Task
 from offsite.training import StepInfo, TrainConfig, train
 
-
-@dataclass(frozen=True)
-class TaskFiles:
-    """A language-modelling task: training text and held-out text."""
-
-    train: Path
-    test: Path
-    block_size: int = 256
-    eval_sequences: int | None = None
-
-
-def _heldout(task: TaskFiles, tokenizer) -> TokenData:
-    data = load_data(task.test, tokenizer, task.block_size)
-    if task.eval_sequences:
-        data = TokenData(data.examples[: task.eval_sequences], data.source, data.sha256, data.mode)
-    return data
+SETTINGS = (
+    "full_zero_shot",
+    "emulator_zero_shot",
+    "emulator_finetuned",
+    "plug_in",
+    "full_finetuned",
+)
+LABELS = {"full_zero_shot": "full model zero-shot", "emulator_zero_shot": "emulator zero-shot",
+          "emulator_finetuned": "emulator fine-tuned (data owner alone)",
+          "plug_in": "plug-in (full model + adapter)", "full_finetuned": "full-model fine-tuning"}  # fmt: skip
 
 
 def derived(r: dict) -> dict:
-    """Gap closed by the plug-in and the privacy margin, from the five perplexities."""
+    """Gap closed by the plug-in and the privacy margin, from the five numbers.
+
+    Perplexity (lower is better): margin = emulator fine-tuned / plug-in (a ratio, >1 protects).
+    Accuracy (higher is better): margin = plug-in - emulator fine-tuned (points, >0 protects).
+    """
     out = {}
-    if r.get("full_finetuned") is not None and r["full_zero_shot"] != r["full_finetuned"]:
-        out["gap_closed"] = (r["full_zero_shot"] - r["plug_in"]) / (
-            r["full_zero_shot"] - r["full_finetuned"]
-        )
-    out["privacy_margin"] = (
-        r["emulator_finetuned"] / r["plug_in"]
-    )  # >1: the data owner alone does worse
+    ft, zs = r.get("full_finetuned"), r["full_zero_shot"]
+    if ft is not None and zs != ft:
+        out["gap_closed"] = (r["plug_in"] - zs) / (ft - zs)
+    if r.get("higher_is_better"):
+        out["privacy_margin"] = r["plug_in"] - r["emulator_finetuned"]
+    else:
+        out["privacy_margin"] = r["emulator_finetuned"] / r["plug_in"]
     return out
 
 
@@ -61,7 +59,7 @@ def evaluate_offsite(
     tokenizer,
     plan: SplitPlan,
     emulator: PreTrainedModel,
-    task: TaskFiles,
+    task: Task,
     cfg: TrainConfig,
     *,
     full_finetune: bool = True,
@@ -71,15 +69,18 @@ def evaluate_offsite(
     """Run the five settings on one task; `full` is left unchanged. Returns numbers and curves."""
     phase = on_phase or (lambda name: None)
     pad = pad_id_of(tokenizer)
-    train_data, held = load_data(task.train, tokenizer, task.block_size), _heldout(task, tokenizer)
-    r: dict = {
-        "tokens_evaluated": sum(len(e.input_ids) for e in held.examples),
-        "steps": cfg.max_steps,
-    }
-    phase("full model zero-shot")
-    r["full_zero_shot"] = perplexity(full, held, pad_id=pad)["perplexity"]
-    phase("emulator zero-shot")
-    r["emulator_zero_shot"] = perplexity(emulator, held, pad_id=pad)["perplexity"]
+    train_data = task.train_data(tokenizer)
+    r: dict = {"task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
+               "steps": cfg.max_steps, "train_examples": len(train_data), "details": {}}  # fmt: skip
+
+    def score(setting: str, model) -> None:
+        phase(LABELS[setting])
+        out = task.score(model, tokenizer)
+        r[setting] = out.pop("value")
+        r["details"][setting] = out
+
+    score("full_zero_shot", full)
+    score("emulator_zero_shot", emulator)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = package_emulator(
             full, tokenizer, plan, Path(tmp) / "bundle", base_name="eval", emulator=emulator
@@ -89,12 +90,10 @@ def evaluate_offsite(
     phase("fine-tuning the adapter through the emulator")
     summary = train(student, train_data, cfg, pad_id=pad, on_step=on_step)
     r["curves"] = {"emulator_finetune": [h["loss"] for h in summary["history"]]}
-    phase("emulator fine-tuned")
-    r["emulator_finetuned"] = perplexity(student, held, pad_id=pad)["perplexity"]
-    phase("plug-in")
+    score("emulator_finetuned", student)
     plugged = copy.deepcopy(full)
     plug_adapter(plugged, extract_adapter(student, bundle))
-    r["plug_in"] = perplexity(plugged, held, pad_id=pad)["perplexity"]
+    score("plug_in", plugged)
     del plugged, student
     r["full_finetuned"] = None
     if full_finetune:
@@ -103,21 +102,62 @@ def evaluate_offsite(
         tuned.requires_grad_(True)
         summary = train(tuned, train_data, cfg, pad_id=pad, on_step=on_step)
         r["curves"]["full_finetune"] = [h["loss"] for h in summary["history"]]
-        r["full_finetuned"] = perplexity(tuned, held, pad_id=pad)["perplexity"]
+        score("full_finetuned", tuned)
     return {**r, **derived(r)}
+
+
+def _fmt(r: dict, value: float) -> str:
+    return f"{100 * value:.1f}%" if r.get("metric") == "accuracy" else f"{value:.2f}"
 
 
 def five_settings_table(r: dict) -> str:
     """The five numbers and the two derived figures as a Markdown table."""
-    rows = [("full model zero-shot", r["full_zero_shot"]), ("emulator zero-shot", r["emulator_zero_shot"]),
-            ("emulator fine-tuned (data owner alone)", r["emulator_finetuned"]),
-            ("plug-in (full model + adapter)", r["plug_in"]), ("full-model fine-tuning", r.get("full_finetuned"))]  # fmt: skip
-    lines = ["| setting | held-out perplexity |", "|---|---|"]
-    lines += [
-        f"| {name} | {value:.2f} |" if value is not None else f"| {name} | not run |"
-        for name, value in rows
-    ]
+    accuracy = r.get("metric") == "accuracy"
+    lines = [f"| setting | {'accuracy' if accuracy else 'held-out perplexity'} |", "|---|---|"]
+    for key in SETTINGS:
+        value = r.get(key)
+        lines.append(f"| {LABELS[key]} | {_fmt(r, value) if value is not None else 'not run'} |")
     if r.get("gap_closed") is not None:
         lines.append(f"| gap closed by plug-in | {100 * r['gap_closed']:.0f}% |")
-    lines.append(f"| privacy margin (emulator fine-tuned / plug-in) | {r['privacy_margin']:.2f}x |")
+    if accuracy:
+        lines.append(f"| privacy margin (plug-in - emulator fine-tuned) | {100 * r['privacy_margin']:+.1f} points |")  # fmt: skip
+    else:
+        lines.append(f"| privacy margin (emulator fine-tuned / plug-in) | {r['privacy_margin']:.2f}x |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def summary_table(results: list[dict]) -> str:
+    """One row per task: the five settings and the derived figures."""
+    head = "| task | metric | full zero-shot | emulator zero-shot | emulator fine-tuned | plug-in | full fine-tuned | gap closed | privacy margin |"
+    lines = [head, "|" + "---|" * 9]
+    for r in results:
+        cells = [_fmt(r, r[k]) if r.get(k) is not None else "-" for k in SETTINGS]
+        gap = f"{100 * r['gap_closed']:.0f}%" if r.get("gap_closed") is not None else "-"
+        margin = (f"{100 * r['privacy_margin']:+.1f} pts" if r.get("metric") == "accuracy"
+                  else f"{r['privacy_margin']:.2f}x")  # fmt: skip
+        lines.append(
+            f"| {r['task']} | {r['metric']} | " + " | ".join(cells) + f" | {gap} | {margin} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_results(results: list[dict], out: Path) -> None:
+    """OUT/summary.{md,json} and, per task, OUT/TASK/result.{json,md,png}."""
+    from offsite.plots import five_settings_png
+
+    for r in results:
+        d = out / _safe_dirname(r["task"])
+        d.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(d / "result.json", r)
+        write_bytes_atomic(
+            d / "result.md", (f"### {r['task']}\n\n" + five_settings_table(r)).encode()
+        )
+        five_settings_png(r, d / "result.png")
+    write_json_atomic(
+        out / "summary.json", [{k: v for k, v in r.items() if k != "curves"} for r in results]
+    )
+    write_bytes_atomic(out / "summary.md", summary_table(results).encode())
+
+
+def _safe_dirname(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "task"

@@ -14,11 +14,13 @@ from offsite.bundle import open_bundle, package_emulator
 from offsite.errors import OffsiteError
 from offsite.fingerprint import model_fingerprint
 from offsite.loading import DEFAULT_MODEL, load_model, load_tokenizer
-from offsite.offsite_eval import TaskFiles, evaluate_offsite, five_settings_table
+from offsite.offsite_eval import evaluate_offsite, summary_table, write_results
 from offsite.owner_home import enroll, init_home, listing, open_home
 from offsite.packaging import EmulatorRecipe, make_emulator
 from offsite.signing import Signer, load_public
 from offsite.split import make_plan
+from offsite.task_eval import build_task, load_task_files
+from offsite.tasks import builtin_tasks, default_data_root, load_task
 from offsite.training import TrainConfig
 from offsite_cli.args import add_dtype, add_eval, dtype_of, int_list
 from offsite_cli.progress import TrainingBar, perplexity_with_bar
@@ -176,34 +178,50 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
 
 
+def _tasks(args: argparse.Namespace) -> list:
+    if args.task and (args.train or args.test):
+        raise OffsiteError(
+            "give --task, or --train and --test (a language-modelling task), not both"
+        )
+    if not args.task:
+        if not (args.train and args.test):
+            raise OffsiteError(
+                "name a task: --task NAME|SPEC.yaml|lm-eval:NAME, or --train and --test files"
+            )
+        return [
+            load_task_files(
+                Path(args.train), Path(args.test), args.block_size or 128, args.eval_limit
+            )
+        ]
+    root = Path(args.data_root) if args.data_root else default_data_root()
+    return [build_task(load_task(t), root, block_size=args.block_size, eval_limit=args.eval_limit,
+                       train_limit=args.train_limit, seed=args.seed) for t in args.task]  # fmt: skip
+
+
 def cmd_evaluate_offsite(args: argparse.Namespace) -> None:
     out = Path(args.out)
     check_output_dir(out, args.overwrite)
+    tasks = _tasks(args)  # specs and data are checked before any model is loaded
     bundle = open_bundle(args.bundle)
     model = load_model(args.model, dtype=dtype_of(args))
     if model_fingerprint(model) != bundle.base_fingerprint:
         raise OffsiteError(f"{args.bundle}: bundle was not made from --model {args.model}")
-    task = TaskFiles(Path(args.train), Path(args.test), args.block_size, args.max_sequences)
+    tok = load_tokenizer(args.model)
     cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                       warmup_steps=args.warmup_steps, seed=args.seed, save_every=0)  # fmt: skip
-    bar = TrainingBar("training")
-    try:
-        result = evaluate_offsite(model, load_tokenizer(args.model), bundle.plan, bundle.load_model(), task, cfg,
-                                  full_finetune=not args.no_full_finetune, on_step=bar,
-                                  on_phase=lambda name: print(f"== {name}", file=sys.stderr, flush=True))  # fmt: skip
-    finally:
-        bar.close()
-    result = {
-        "model": args.model,
-        "bundle": str(bundle.path),
-        "train": args.train,
-        "test": args.test,
-        **result,
-    }
+    results = []
+    for task in tasks:
+        bar = TrainingBar("training")
+        try:
+            r = evaluate_offsite(model, tok, bundle.plan, bundle.load_model(), task, cfg,
+                                 full_finetune=not args.no_full_finetune, on_step=bar,
+                                 on_phase=lambda name, t=task.name: print(f"== [{t}] {name}", file=sys.stderr, flush=True))  # fmt: skip
+        finally:
+            bar.close()
+        results.append({"model": args.model, "bundle": str(bundle.path), **r})
     with atomic_directory(out, overwrite=args.overwrite) as tmp:
-        (tmp / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        (tmp / "result.md").write_text(five_settings_table(result))
-    print_json({k: v for k, v in result.items() if k != "curves"})
+        write_results(results, tmp)
+    print(summary_table(results), end="")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -400,12 +418,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
-        "evaluate-offsite", help="the five settings on one task: table in OUT/result.md and .json"
+        "evaluate-offsite",
+        help="the five settings per task: OUT/summary.md, OUT/TASK/result.{md,json,png}",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="the full model the bundle was made from")
     p.add_argument("--bundle", required=True, help="the emulator bundle to evaluate")
-    p.add_argument("--train", required=True, help="task training data (.txt/.jsonl)")
-    p.add_argument("--test", required=True, help="task held-out data (.txt/.jsonl)")
+    p.add_argument("--task", action="append", default=[], metavar="TASK",
+                   help=f"built-in task ({', '.join(builtin_tasks())}), a spec .yaml, or lm-eval:NAME; repeatable")  # fmt: skip
+    p.add_argument("--data-root", default=None,
+                   help="folder the task specs' files are relative to (default $OFFSITE_DATA or ../shared/data)")  # fmt: skip
+    p.add_argument("--train", default=None, help="instead of --task: training text (.txt)")
+    p.add_argument("--test", default=None, help="instead of --task: held-out text (.txt)")
     p.add_argument(
         "--steps",
         type=int,
@@ -415,17 +438,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--learning-rate", type=float, default=2e-4)
     p.add_argument("--warmup-steps", type=int, default=2)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument(
-        "--max-sequences", type=int, default=None, help="evaluate on the first N held-out sequences"
-    )
+    p.add_argument("--seed", type=int, default=42, help="training order and the split of spec files without a test file")  # fmt: skip
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per sequence (default 128 for perplexity tasks, 256 for choice tasks)")  # fmt: skip
+    p.add_argument("--eval-limit", "--max-sequences", type=int, default=None,
+                   help="score only the first N test items (held-out blocks for perplexity tasks)")  # fmt: skip
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training items")  # fmt: skip
     p.add_argument(
         "--no-full-finetune",
         action="store_true",
         help="skip the costly full-model fine-tuning ceiling",
     )
-    p.add_argument("--out", required=True, help="directory for result.json and result.md")
+    p.add_argument("--out", required=True, help="directory for the results")
     p.add_argument("--overwrite", action="store_true")
     add_dtype(p)
     p.set_defaults(func=cmd_evaluate_offsite)

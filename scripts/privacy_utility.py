@@ -17,9 +17,10 @@ from pathlib import Path
 
 from offsite.architectures import num_blocks
 from offsite.loading import load_model, load_tokenizer
-from offsite.offsite_eval import TaskFiles, evaluate_offsite
+from offsite.offsite_eval import evaluate_offsite
 from offsite.packaging import EmulatorRecipe, make_emulator
 from offsite.split import make_plan
+from offsite.task_eval import PerplexityTask
 from offsite.training import TrainConfig
 
 
@@ -98,7 +99,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     full, tok = load_model(a.model), load_tokenizer(a.model)
-    task = TaskFiles(Path(a.train), Path(a.test), a.block_size, a.eval_sequences)
+    task = PerplexityTask.from_files(Path(a.train), Path(a.test), a.block_size, a.eval_sequences)
     cfg = TrainConfig(
         max_steps=a.steps,
         batch_size=a.batch_size,

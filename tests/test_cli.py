@@ -236,7 +236,7 @@ def test_evaluate_offsite_writes_the_five_settings(flow, tmp_path, capsys):
             "--test", str(flow / "corpus.txt"), "--steps", "2", "--block-size", "16", "--max-sequences", "4"]  # fmt: skip
     capsys.readouterr()
     assert owner([*args, "--model", str(flow / "model"), "--out", str(tmp_path / "r")]) == 0
-    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    result = json.loads((tmp_path / "r" / "corpus" / "result.json").read_text())
     assert {
         "full_zero_shot",
         "emulator_zero_shot",
@@ -245,6 +245,11 @@ def test_evaluate_offsite_writes_the_five_settings(flow, tmp_path, capsys):
         "full_finetuned",
         "gap_closed",
     } <= set(result)
-    assert "| plug-in (full model + adapter) |" in (tmp_path / "r" / "result.md").read_text()
+    assert (
+        "| plug-in (full model + adapter) |"
+        in (tmp_path / "r" / "corpus" / "result.md").read_text()
+    )
+    assert (tmp_path / "r" / "corpus" / "result.png").is_file()
+    assert "| corpus | perplexity |" in (tmp_path / "r" / "summary.md").read_text()
     _expect_error(capsys, owner, [*args, "--model", str(flow / "other"), "--out", str(tmp_path / "r2")],
                   "bundle was not made from --model", tmp_path / "r2")  # fmt: skip

@@ -4,8 +4,9 @@ import torch
 from tiny import DEPTH, tiny_model
 
 from offsite.emulator import build_emulator
-from offsite.offsite_eval import TaskFiles, derived, evaluate_offsite
+from offsite.offsite_eval import derived, evaluate_offsite
 from offsite.split import make_plan
+from offsite.task_eval import PerplexityTask
 from offsite.training import TrainConfig
 
 
@@ -24,7 +25,7 @@ def test_five_settings_on_a_tiny_model(tokenizer, corpus_file, tmp_path):
     full = tiny_model("llama")
     before = {k: v.clone() for k, v in full.state_dict().items()}
     plan = make_plan(DEPTH, emulator_layers=2)
-    task = TaskFiles(corpus_file, corpus_file, block_size=32, eval_sequences=4)
+    task = PerplexityTask.from_files(corpus_file, corpus_file, block_size=32, eval_sequences=4)
     phases = []
     r = evaluate_offsite(full, tokenizer, plan, build_emulator(full, plan), task,
                          TrainConfig(max_steps=4, batch_size=2, learning_rate=5e-3), on_phase=phases.append)  # fmt: skip
