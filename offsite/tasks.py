@@ -270,7 +270,9 @@ def _read(spec: TaskSpec, ref: FileRef, data_root: Path) -> list[dict]:
 
 def _split(rows: list, holdout: float, seed: int) -> tuple[list, list]:
     if len(rows) < 2:
-        raise OffsiteError(f"{len(rows)} record(s): too few to hold out a test share; add a 'test' file")
+        raise OffsiteError(
+            f"{len(rows)} record(s): too few to hold out a test share; add a 'test' file"
+        )
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_test = max(1, int(len(rows) * holdout))
