@@ -22,7 +22,7 @@ test-fast: setup  ## everything but the slow real-model tests
 	$(PY) -m pytest -m "not slow"
 
 demo: setup
-	$(PY) -m scripts.demo
+	$(PY) -m scripts.simulate
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -244,6 +244,10 @@ class OwnerService:
             adapter_id, upload_id, identity, upload["bundle_id"], str(path), status, reason
         )
         self.registry.set_upload_state(upload_id, "committed")
+        if (
+            status == "verified"
+        ):  # the adapter now lives in adapters/; rejected uploads stay as evidence
+            shutil.rmtree(root, ignore_errors=True)
         log.info("%s committed adapter %s: %s %s", identity, adapter_id, status, reason)
         return {"adapter_id": adapter_id, "status": status, "reason": reason}
 

@@ -1,0 +1,246 @@
+"""Two-party simulation: the model owner and the data owner as separate processes over gRPC + mTLS.
+
+    python -m scripts.simulate                      # SmolLM2-135M, the shipped Shakespeare sample
+    python -m scripts.simulate --task sst2 --data-root ../shared/data --steps 60
+    python -m scripts.simulate --model DIR --train a.txt --test b.txt --emulator-layers 8
+
+The model owner sets up its CA, enrols the data owner, packages a signed emulator bundle for it
+and serves it (`owner serve`, a long-lived process on loopback). The data owner, with nothing but
+its credentials file, downloads and verifies the bundle, fine-tunes the adapter on its private
+data and uploads it. The model owner verifies the returned adapter and merges it. Every step is
+the real CLI in its own OS process. Finally a referee (this process) measures the five settings
+of the paper on the held-out data and writes OUT/summary.md and OUT/TASK/result.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+PHASES = 8
+
+
+class Phase:
+    """Prints a numbered phase header, and its duration when it ends."""
+
+    n = 0
+
+    def __init__(self, title: str) -> None:
+        Phase.n += 1
+        self.title = title
+
+    def __enter__(self) -> Phase:
+        print(f"\n[{Phase.n}/{PHASES}] {self.title}", flush=True)
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            print(f"      done in {time.perf_counter() - self.t:.0f} s", flush=True)
+
+
+def cli(tool: str, *argv: str) -> dict | list:
+    """Run `owner ...` or `data-owner ...` as its own process; its JSON result from stdout."""
+    module = {"owner": "owner.cli", "data-owner": "data_owner.cli"}[tool]
+    print(f"      $ {tool} {' '.join(argv)}", flush=True)
+    done = subprocess.run([sys.executable, "-m", module, *argv], stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"simulate: `{tool} {argv[0]}` failed with exit code {done.returncode}")
+    return json.loads(done.stdout)
+
+
+def start_server(home: Path) -> tuple[subprocess.Popen, str]:
+    """`owner serve` on a free loopback port; returns the process and its address."""
+    argv = ["owner", "serve", "--home", str(home), "--listen", "127.0.0.1:0"]
+    print(f"      $ {' '.join(argv)}", flush=True)
+    proc = subprocess.Popen([sys.executable, "-m", "owner.cli", *argv[1:]], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    line = proc.stdout.readline() if proc.stdout else ""
+    if not line:
+        proc.wait()
+        raise SystemExit(f"simulate: `owner serve` exited with code {proc.returncode}")
+    address = json.loads(line)["listening"].replace("127.0.0.1", "localhost")
+    print(f"      serving on {address} (pid {proc.pid}, mutual TLS)", flush=True)
+    return proc, address
+
+
+def _training_file(task, work: Path, tokenizer) -> Path:
+    """The data owner's private training data as a file its CLI reads (.txt or prompt/completion)."""
+    from offsite.task_eval import PerplexityTask
+    from offsite.tasks import completion_pairs
+
+    path = (
+        work / "data-owner" / ("train.txt" if isinstance(task, PerplexityTask) else "train.jsonl")
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(task, PerplexityTask):
+        path.write_text(task.train_text, encoding="utf-8")
+    else:
+        pairs = completion_pairs(list(task.train_items), task.delimiter)
+        path.write_text(
+            "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs)
+        )
+    return path
+
+
+def _task(a: argparse.Namespace):
+    from offsite.task_eval import build_task, load_task_files
+    from offsite.tasks import default_data_root, load_task
+
+    if a.task:
+        root = Path(a.data_root) if a.data_root else default_data_root()
+        return build_task(load_task(a.task), root, block_size=a.block_size, eval_limit=a.eval_limit,
+                          train_limit=a.train_limit, seed=a.seed)  # fmt: skip
+    return load_task_files(Path(a.train), Path(a.test), a.block_size or 128, a.eval_limit or 48)
+
+
+def referee(
+    a: argparse.Namespace, task, bundle_dir: Path, adapter: Path, merged: Path, cfg
+) -> dict:
+    """The five settings on the task, each model loaded from what the parties produced."""
+    from offsite.adapter import open_adapter, plug_into_emulator
+    from offsite.bundle import open_bundle
+    from offsite.data import pad_id_of
+    from offsite.loading import load_model, load_tokenizer
+    from offsite.offsite_eval import derived
+    from offsite.training import train
+
+    tok = load_tokenizer(a.model)
+    full, bundle = load_model(a.model), open_bundle(bundle_dir)
+    r: dict = {"task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
+               "model": a.model, "steps": cfg.max_steps, "details": {}, "curves": {}}  # fmt: skip
+
+    def score(key: str, label: str, model) -> None:
+        print(f"      {label}", flush=True)
+        out = task.score(model, tok)
+        r[key] = out.pop("value")
+        r["details"][key] = out
+
+    score("full_zero_shot", "full model zero-shot (model owner)", full)
+    emulator = bundle.load_model()
+    score("emulator_zero_shot", "emulator zero-shot (data owner)", emulator)
+    returned = open_adapter(adapter)
+    plug_into_emulator(emulator, bundle, returned)
+    score("emulator_finetuned", "emulator fine-tuned (data owner alone)", emulator)
+    score("plug_in", "plug-in: the merged model (model owner)", load_model(str(merged)))
+    history = returned.manifest.get("training", {}).get("history") or []
+    r["curves"]["emulator_finetune"] = [h["loss"] for h in history]
+    r["full_finetuned"] = None
+    if not a.no_full_finetune:
+        print(
+            "      full-model fine-tuning (the ceiling; same data, steps and batches)", flush=True
+        )
+        from offsite_cli.progress import TrainingBar
+
+        tuned, bar = copy.deepcopy(full), TrainingBar("full fine-tuning")
+        tuned.requires_grad_(True)
+        try:
+            summary = train(tuned, task.train_data(tok), cfg, on_step=bar, pad_id=pad_id_of(tok))
+        finally:
+            bar.close()
+        r["curves"]["full_finetune"] = [h["loss"] for h in summary["history"]]
+        score("full_finetuned", "full model fine-tuned", tuned)
+    return {**r, **derived(r)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m", help="the model owner's full model (any --model spec)")  # fmt: skip
+    p.add_argument("--task", default=None, help="a built-in task, a spec .yaml or lm-eval:NAME (instead of --train/--test)")  # fmt: skip
+    p.add_argument("--data-root", default=None, help="folder the task spec's files are relative to")
+    p.add_argument("--train", default=str(SAMPLES / "shakespeare-train.txt"), help="the data owner's private training text")  # fmt: skip
+    p.add_argument("--test", default=str(SAMPLES / "shakespeare-test.txt"), help="held-out text")
+    p.add_argument("--seed", type=int, default=42, help="training order and the split of spec files without a test file")  # fmt: skip
+    p.add_argument("--emulator-layers", type=int, default=None, help="middle blocks kept (default half)")  # fmt: skip
+    p.add_argument("--selection", default="redundancy", choices=["uniform", "redundancy", "similarity"])  # fmt: skip
+    p.add_argument("--selection-data", default=str(SAMPLES / "wikitext-sample.txt"),
+                   help="the owner's public sample text for block selection")  # fmt: skip
+    p.add_argument("--distill-steps", type=int, default=0, help="distil the emulator on --selection-data first (slow on CPU)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=40, help="fine-tuning steps (data owner and full-model ceiling)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--learning-rate", type=float, default=2e-4)
+    p.add_argument("--block-size", type=int, default=None, help="tokens per sequence (default 128 LM, 256 choice)")  # fmt: skip
+    p.add_argument("--eval-limit", type=int, default=None, help="test items (choice) or held-out blocks (LM, default 48)")  # fmt: skip
+    p.add_argument("--train-limit", type=int, default=None, help="training items to use (choice tasks)")  # fmt: skip
+    p.add_argument("--no-full-finetune", action="store_true", help="skip the full-model ceiling")
+    p.add_argument("--workdir", default="runs/simulate", help="where both parties keep their files (replaced)")  # fmt: skip
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    from offsite.errors import OffsiteError
+    from offsite.loading import load_tokenizer
+    from offsite.offsite_eval import five_settings_table, write_results
+    from offsite.training import TrainConfig
+
+    try:
+        task = _task(a)
+        cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate,
+                          warmup_steps=2, seed=a.seed, save_every=0)  # fmt: skip
+    except OffsiteError as e:
+        raise SystemExit(f"simulate: {e}") from None
+    work = Path(a.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    owner_dir, do_dir = work / "model-owner", work / "data-owner"
+    owner_dir.mkdir(parents=True)
+    home, creds = owner_dir / "home", do_dir / "credentials.json"
+    train_file = _training_file(task, work, load_tokenizer(a.model))
+    block = str(a.block_size or (128 if task.metric == "perplexity" else 256))
+    Phase.n = 0
+    t0 = time.perf_counter()
+
+    with Phase("model owner: create the CA and keys, enrol the data owner 'alice'"):
+        cli("owner", "init", "--home", str(home))
+        cli("owner", "enroll", "--home", str(home), "--name", "alice", "--out", str(creds))
+    with Phase("model owner: package the emulator bundle for alice (select blocks, sign)"):
+        pkg = ["package-emulator", "--home", str(home), "--for", "alice", "--model", a.model,
+               "--selection", a.selection, "--out", str(owner_dir / "bundle")]  # fmt: skip
+        if a.emulator_layers is not None:
+            pkg += ["--emulator-layers", str(a.emulator_layers)]
+        if a.selection != "uniform":
+            pkg += ["--selection-data", a.selection_data]
+        if a.distill_steps:
+            pkg += ["--distill-data", a.selection_data, "--distill-steps", str(a.distill_steps)]
+        cli("owner", *pkg)
+    with Phase("model owner: serve over gRPC with mutual TLS (separate process)"):
+        server, address = start_server(home)
+    try:
+        remote = ["--server", address, "--credentials", str(creds)]
+        with Phase("transfer: alice downloads the bundle and verifies signature and hashes"):
+            cli("data-owner", "fetch", *remote, "--out", str(do_dir / "bundle"))
+        with Phase(f"data owner: fine-tune the adapter on private data ({a.steps} steps)"):
+            cli("data-owner", "finetune", "--bundle", str(do_dir / "bundle"), "--credentials", str(creds),
+                "--data", str(train_file), "--out", str(do_dir / "adapter"), "--max-steps", str(a.steps),
+                "--batch-size", str(a.batch_size), "--learning-rate", str(a.learning_rate), "--warmup-steps", "2",
+                "--block-size", block, "--val-fraction", "0", "--seed", str(a.seed), "--save-every", "0")  # fmt: skip
+        with Phase("return: alice uploads the signed adapter; the server verifies it"):
+            cli("data-owner", "submit", *remote, "--adapter", str(do_dir / "adapter"))
+    finally:
+        server.terminate()
+        server.wait()
+    with Phase("model owner: verify the adapter again and merge it into the full model"):
+        received = [r for r in cli("owner", "adapters", "--home", str(home)) if r["status"] == "verified"]  # fmt: skip
+        if not received:
+            raise SystemExit("simulate: the server holds no verified adapter")
+        cli("owner", "merge-adapter", "--home", str(home), "--model", a.model,
+            "--adapter", received[-1]["adapter_id"], "--out", str(owner_dir / "merged"))  # fmt: skip
+    with Phase(f"evaluation: the five settings on {task.name}"):
+        r = referee(a, task, do_dir / "bundle", do_dir / "adapter", owner_dir / "merged", cfg)
+        write_results([r], work / "results")
+    print(f"\nFive settings on {task.name} ({task.metric}; {a.steps} steps; {time.perf_counter() - t0:.0f} s in all)")  # fmt: skip
+    print(five_settings_table(r))
+    print(f"Results: {work / 'results'}/ (summary.md, {task.name}/result.png)")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
