@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from offsite.packaging import PUBLIC_SAMPLE
+
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 PHASES = 8
 
@@ -92,13 +94,21 @@ def _training_file(task, work: Path, tokenizer) -> Path:
 
 
 def _task(a: argparse.Namespace):
+    from offsite.errors import OffsiteError
     from offsite.task_eval import build_task, load_task_files
-    from offsite.tasks import default_data_root, load_task
+    from offsite.tasks import FileRef, TaskSpec, default_data_root, load_task
 
     if a.task:
         root = Path(a.data_root) if a.data_root else default_data_root()
         return build_task(load_task(a.task), root, block_size=a.block_size, eval_limit=a.eval_limit,
                           train_limit=a.train_limit, seed=a.seed)  # fmt: skip
+    for path in (a.train, a.test):
+        if path is not None and not Path(path).is_file():
+            raise OffsiteError(f"{path}: data file not found")
+    if a.test is None:  # split the data owner's text: the last --holdout share is held out
+        spec = TaskSpec(name=Path(a.train).stem, kind="perplexity", train=FileRef(str(Path(a.train).resolve())),
+                        holdout=a.holdout, source=a.train)  # fmt: skip
+        return build_task(spec, Path("."), block_size=a.block_size, eval_limit=a.eval_limit or 48)
     return load_task_files(Path(a.train), Path(a.test), a.block_size or 128, a.eval_limit or 48)
 
 
@@ -157,12 +167,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", default=None, help="a built-in task, a spec .yaml or lm-eval:NAME (instead of --train/--test)")  # fmt: skip
     p.add_argument("--data-root", default=None, help="folder the task spec's files are relative to")
     p.add_argument("--train", default=str(SAMPLES / "shakespeare-train.txt"), help="the data owner's private training text")  # fmt: skip
-    p.add_argument("--test", default=str(SAMPLES / "shakespeare-test.txt"), help="held-out text")
+    p.add_argument("--test", default=None, help="held-out text (default: the shipped sample's, or --holdout of --train)")  # fmt: skip
+    p.add_argument("--holdout", type=float, default=0.1, help="with --train and no --test: the share of the text held out")  # fmt: skip
     p.add_argument("--seed", type=int, default=42, help="training order and the split of spec files without a test file")  # fmt: skip
     p.add_argument("--emulator-layers", type=int, default=None, help="middle blocks kept (default half)")  # fmt: skip
+    p.add_argument("--adapter-bottom", type=int, default=2, help="adapter blocks at the bottom (default 2)")  # fmt: skip
+    p.add_argument("--adapter-top", type=int, default=2, help="adapter blocks at the top (default 2)")  # fmt: skip
     p.add_argument("--selection", default="redundancy", choices=["uniform", "redundancy", "similarity"])  # fmt: skip
-    p.add_argument("--selection-data", default=str(SAMPLES / "wikitext-sample.txt"),
-                   help="the owner's public sample text for block selection")  # fmt: skip
+    p.add_argument("--selection-data", default=None,
+                   help="the owner's public sample text for block selection and distillation (default: the built-in WikiText sample)")  # fmt: skip
     p.add_argument("--distill-steps", type=int, default=0, help="distil the emulator on --selection-data first (slow on CPU)")  # fmt: skip
     p.add_argument("--steps", type=int, default=40, help="fine-tuning steps (data owner and full-model ceiling)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4)
@@ -172,7 +185,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-limit", type=int, default=None, help="training items to use (choice tasks)")  # fmt: skip
     p.add_argument("--no-full-finetune", action="store_true", help="skip the full-model ceiling")
     p.add_argument("--workdir", default="runs/simulate", help="where both parties keep their files (replaced)")  # fmt: skip
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.test is None and a.train == str(SAMPLES / "shakespeare-train.txt"):
+        a.test = str(SAMPLES / "shakespeare-test.txt")
+    return a
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -203,13 +219,14 @@ def main(argv: list[str] | None = None) -> None:
         cli("owner", "enroll", "--home", str(home), "--name", "alice", "--out", str(creds))
     with Phase("model owner: package the emulator bundle for alice (select blocks, sign)"):
         pkg = ["package-emulator", "--home", str(home), "--for", "alice", "--model", a.model,
-               "--selection", a.selection, "--out", str(owner_dir / "bundle")]  # fmt: skip
+               "--selection", a.selection, "--adapter-bottom", str(a.adapter_bottom),
+               "--adapter-top", str(a.adapter_top), "--out", str(owner_dir / "bundle")]  # fmt: skip
         if a.emulator_layers is not None:
             pkg += ["--emulator-layers", str(a.emulator_layers)]
-        if a.selection != "uniform":
+        if a.selection_data:
             pkg += ["--selection-data", a.selection_data]
         if a.distill_steps:
-            pkg += ["--distill-data", a.selection_data, "--distill-steps", str(a.distill_steps)]
+            pkg += ["--distill-data", a.selection_data or str(PUBLIC_SAMPLE), "--distill-steps", str(a.distill_steps)]  # fmt: skip
         cli("owner", *pkg)
     with Phase("model owner: serve over gRPC with mutual TLS (separate process)"):
         server, address = start_server(home)

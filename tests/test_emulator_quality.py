@@ -12,7 +12,7 @@ from offsite.bundle import open_bundle, package_emulator
 from offsite.compress import prune_magnitude, quantize_weights
 from offsite.data import load_data
 from offsite.distill import student_and_loss
-from offsite.packaging import EmulatorRecipe, make_emulator
+from offsite.packaging import PUBLIC_SAMPLE, EmulatorRecipe, make_emulator
 from offsite.selection import BlockStats, block_stats, contiguous_clusters, select_plan
 from offsite.split import make_plan
 from offsite.training import TrainConfig, train
@@ -154,3 +154,15 @@ def test_distillation_leaves_the_full_model_usable(sample):
         assert torch.equal(full(x).logits, before)
         student(x)
     assert summary["best_step"] in (1, 2) and not any(p.requires_grad for p in student.parameters())
+
+
+def test_default_recipe_selects_by_redundancy_on_the_builtin_sample(tokenizer):
+    full = tiny_model("llama")
+    _, plan, record = make_emulator(
+        full, tokenizer, make_plan(DEPTH, emulator_layers=2), EmulatorRecipe()
+    )
+    assert (
+        record["selection"]["strategy"] == "redundancy"
+        and len(record["selection"]["redundancy"]) == DEPTH
+    )
+    assert PUBLIC_SAMPLE.is_file() and len(plan.kept) == 2
