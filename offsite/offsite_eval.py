@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from torch import nn
 from transformers import PreTrainedModel
 
 from offsite.adapter import extract_adapter, plug_adapter
@@ -54,6 +55,36 @@ def derived(r: dict) -> dict:
     return out
 
 
+class Scoreboard:
+    """The five settings of one task as they are measured; `result()` adds the derived figures."""
+
+    def __init__(
+        self, task: Task, tokenizer, on_phase: Callable[[str], None] | None = None
+    ) -> None:
+        self.task, self.tokenizer, self.phase = task, tokenizer, on_phase or (lambda name: None)
+        self.r: dict = {"task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
+                        "details": {}, "curves": {}, "full_finetuned": None}  # fmt: skip
+
+    def score(self, setting: str, model: nn.Module) -> None:
+        self.phase(LABELS[setting])
+        out = self.task.score(model, self.tokenizer)
+        self.r[setting] = out.pop("value")
+        self.r["details"][setting] = out
+
+    def full_finetune(self, full: PreTrainedModel, cfg: TrainConfig, on_step=None) -> None:
+        """The ceiling: a copy of the full model fine-tuned on the same batches, then scored."""
+        self.phase("full-model fine-tuning")
+        tuned = copy.deepcopy(full)
+        tuned.requires_grad_(True)
+        data = self.task.train_data(self.tokenizer)
+        summary = train(tuned, data, cfg, pad_id=pad_id_of(self.tokenizer), on_step=on_step)
+        self.r["curves"]["full_finetune"] = [h["loss"] for h in summary["history"]]
+        self.score("full_finetuned", tuned)
+
+    def result(self, **extra) -> dict:
+        return {**self.r, **extra, **derived(self.r)}
+
+
 def evaluate_offsite(
     full: PreTrainedModel,
     tokenizer,
@@ -67,43 +98,27 @@ def evaluate_offsite(
     on_step: Callable[[StepInfo], None] | None = None,
 ) -> dict:
     """Run the five settings on one task; `full` is left unchanged. Returns numbers and curves."""
-    phase = on_phase or (lambda name: None)
-    pad = pad_id_of(tokenizer)
+    board = Scoreboard(task, tokenizer, on_phase)
     train_data = task.train_data(tokenizer)
-    r: dict = {"task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
-               "steps": cfg.max_steps, "train_examples": len(train_data), "details": {}}  # fmt: skip
-
-    def score(setting: str, model) -> None:
-        phase(LABELS[setting])
-        out = task.score(model, tokenizer)
-        r[setting] = out.pop("value")
-        r["details"][setting] = out
-
-    score("full_zero_shot", full)
-    score("emulator_zero_shot", emulator)
+    board.score("full_zero_shot", full)
+    board.score("emulator_zero_shot", emulator)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = package_emulator(
             full, tokenizer, plan, Path(tmp) / "bundle", base_name="eval", emulator=emulator
         )
         student = bundle.load_model()
     freeze_except_adapter(student, bundle)
-    phase("fine-tuning the adapter through the emulator")
-    summary = train(student, train_data, cfg, pad_id=pad, on_step=on_step)
-    r["curves"] = {"emulator_finetune": [h["loss"] for h in summary["history"]]}
-    score("emulator_finetuned", student)
+    board.phase("fine-tuning the adapter through the emulator")
+    summary = train(student, train_data, cfg, pad_id=pad_id_of(tokenizer), on_step=on_step)
+    board.r["curves"]["emulator_finetune"] = [h["loss"] for h in summary["history"]]
+    board.score("emulator_finetuned", student)
     plugged = copy.deepcopy(full)
     plug_adapter(plugged, extract_adapter(student, bundle))
-    score("plug_in", plugged)
+    board.score("plug_in", plugged)
     del plugged, student
-    r["full_finetuned"] = None
     if full_finetune:
-        phase("full-model fine-tuning")
-        tuned = copy.deepcopy(full)
-        tuned.requires_grad_(True)
-        summary = train(tuned, train_data, cfg, pad_id=pad, on_step=on_step)
-        r["curves"]["full_finetune"] = [h["loss"] for h in summary["history"]]
-        score("full_finetuned", tuned)
-    return {**r, **derived(r)}
+        board.full_finetune(full, cfg, on_step)
+    return board.result(steps=cfg.max_steps, train_examples=len(train_data))
 
 
 def _fmt(r: dict, value: float) -> str:

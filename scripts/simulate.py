@@ -15,7 +15,6 @@ of the paper on the held-out data and writes OUT/summary.md and OUT/TASK/result.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -118,47 +117,30 @@ def referee(
     """The five settings on the task, each model loaded from what the parties produced."""
     from offsite.adapter import open_adapter, plug_into_emulator
     from offsite.bundle import open_bundle
-    from offsite.data import pad_id_of
     from offsite.loading import load_model, load_tokenizer
-    from offsite.offsite_eval import derived
-    from offsite.training import train
+    from offsite.offsite_eval import Scoreboard
+    from offsite_cli.progress import TrainingBar
 
-    tok = load_tokenizer(a.model)
+    board = Scoreboard(
+        task, load_tokenizer(a.model), lambda name: print(f"      {name}", flush=True)
+    )
     full, bundle = load_model(a.model), open_bundle(bundle_dir)
-    r: dict = {"task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
-               "model": a.model, "steps": cfg.max_steps, "details": {}, "curves": {}}  # fmt: skip
-
-    def score(key: str, label: str, model) -> None:
-        print(f"      {label}", flush=True)
-        out = task.score(model, tok)
-        r[key] = out.pop("value")
-        r["details"][key] = out
-
-    score("full_zero_shot", "full model zero-shot (model owner)", full)
+    board.score("full_zero_shot", full)
     emulator = bundle.load_model()
-    score("emulator_zero_shot", "emulator zero-shot (data owner)", emulator)
+    board.score("emulator_zero_shot", emulator)
     returned = open_adapter(adapter)
     plug_into_emulator(emulator, bundle, returned)
-    score("emulator_finetuned", "emulator fine-tuned (data owner alone)", emulator)
-    score("plug_in", "plug-in: the merged model (model owner)", load_model(str(merged)))
+    board.score("emulator_finetuned", emulator)
+    board.score("plug_in", load_model(str(merged)))  # what the model owner merged
     history = returned.manifest.get("training", {}).get("history") or []
-    r["curves"]["emulator_finetune"] = [h["loss"] for h in history]
-    r["full_finetuned"] = None
+    board.r["curves"]["emulator_finetune"] = [h["loss"] for h in history]
     if not a.no_full_finetune:
-        print(
-            "      full-model fine-tuning (the ceiling; same data, steps and batches)", flush=True
-        )
-        from offsite_cli.progress import TrainingBar
-
-        tuned, bar = copy.deepcopy(full), TrainingBar("full fine-tuning")
-        tuned.requires_grad_(True)
+        bar = TrainingBar("full fine-tuning")
         try:
-            summary = train(tuned, task.train_data(tok), cfg, on_step=bar, pad_id=pad_id_of(tok))
+            board.full_finetune(full, cfg, bar)
         finally:
             bar.close()
-        r["curves"]["full_finetune"] = [h["loss"] for h in summary["history"]]
-        score("full_finetuned", "full model fine-tuned", tuned)
-    return {**r, **derived(r)}
+    return board.result(model=a.model, steps=cfg.max_steps)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
