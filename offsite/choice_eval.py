@@ -10,7 +10,6 @@ registered lm-eval task can be run by name too.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,7 +22,6 @@ from offsite.tasks import ChoiceItem
 @contextmanager
 def _quiet_lm_eval() -> Iterator[None]:
     """lm-eval logs a warning per metric and per model object; keep our output readable."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -109,8 +107,13 @@ def score_named(
     except (KeyError, ValueError) as e:
         raise OffsiteError(f"lm-eval task {task!r}: {e}") from None
     except (OSError, ConnectionError) as e:
-        raise OffsiteError(f"lm-eval task {task!r}: its data could not be loaded ({str(e).splitlines()[0]}); it needs the hub or a local copy") from None  # fmt: skip
+        raise OffsiteError(_no_data(task, e)) from None
     return _metrics(result, task)
+
+
+def _no_data(task: str, e: Exception) -> str:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return f"lm-eval task {task!r}: its data could not be loaded ({first}); it needs the Hugging Face hub or its data in the local cache"  # fmt: skip
 
 
 def named_training_items(task: str, limit: int | None = None) -> tuple[list[ChoiceItem], str]:
@@ -122,6 +125,8 @@ def named_training_items(task: str, limit: int | None = None) -> tuple[list[Choi
             obj = get_task_dict([task], TaskManager(verbosity="ERROR"))[task]
         except (KeyError, ValueError) as e:
             raise OffsiteError(f"lm-eval task {task!r}: {e}") from None
+        except (OSError, ConnectionError) as e:
+            raise OffsiteError(_no_data(task, e)) from None
     if obj.OUTPUT_TYPE != "multiple_choice":
         raise OffsiteError(f"lm-eval task {task!r} is {obj.OUTPUT_TYPE}; fine-tuning here supports multiple_choice tasks")  # fmt: skip
     docs = obj.training_docs() if obj.has_training_docs() else None

@@ -171,3 +171,15 @@ def test_build_task_limits_are_seeded_samples(tmp_path):
     b = build_task(spec, tmp_path, eval_limit=10, train_limit=20, seed=1)
     assert a == b and len(a.test_items) == 10 and len(a.train_items) == 20
     assert a.test_items != tuple(choice_items(spec, records(spec, tmp_path)[1])[:10])
+
+
+def test_named_lm_eval_tasks_fail_clearly_without_their_data():
+    from offsite.choice_eval import named_training_items
+
+    with pytest.raises(OffsiteError, match="not a registered task"):
+        named_training_items("no_such_task_xyz")
+    with pytest.raises(
+        OffsiteError, match="needs the Hugging Face hub"
+    ):  # conftest sets HF_HUB_OFFLINE
+        named_training_items("arc_easy")
+    assert load_task("lm-eval:arc_easy").lm_eval_task == "arc_easy"
