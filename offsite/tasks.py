@@ -202,6 +202,13 @@ def parse_spec(raw: dict, source: str) -> TaskSpec:
         raise OffsiteError(
             f"{source}: unknown field {unknown[0]!r}; fields are {', '.join(sorted(known))}"
         )
+    if not isinstance(raw.get("verbalizer") or {}, dict):
+        raise OffsiteError(f"{source}: 'verbalizer' maps each label to its word, e.g. {{'0': terrible, '1': great}}")  # fmt: skip
+    if not isinstance(raw.get("holdout", 0.1), int | float):
+        raise OffsiteError(f"{source}: 'holdout' must be a number between 0 and 1")
+    for key in ("prompt", "choices_field", "lm_eval_task", "label_field"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise OffsiteError(f"{source}: {key!r} must be a string")
     kind = raw.get("kind")
     if kind not in KINDS:
         raise OffsiteError(f"{source}: 'kind' must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -306,7 +313,14 @@ def choice_items(spec: TaskSpec, rows: list[dict]) -> list[ChoiceItem]:
         except KeyError as e:
             raise OffsiteError(f"{spec.source}: 'prompt' uses field {e} that the records lack (they have {', '.join(row)})") from None  # fmt: skip
         if spec.choices_field:
-            choices, gold = tuple(row[spec.choices_field]), int(row[spec.label_field])
+            options, gold = row.get(spec.choices_field), row.get(spec.label_field)
+            if (
+                not isinstance(options, list)
+                or not isinstance(gold, int)
+                or not 0 <= gold < len(options)
+            ):
+                raise OffsiteError(f"{spec.source}: record {n} needs a list {spec.choices_field!r} and an index {spec.label_field!r} into it")  # fmt: skip
+            choices = tuple(str(o) for o in options)
         else:
             label = str(row.get(spec.label_field))
             if label not in spec.verbalizer:

@@ -72,6 +72,9 @@ def test_multiple_choice_reader_csv_and_holdout(tmp_path):
         ),
         ("version: 7\nkind: perplexity\ntrain: a.txt\n", "spec version 7"),
         ("kind: [unclosed\n", "not valid YAML"),
+        ("kind: choice\ntrain: a.txt\nverbalizer: [a, b]\n", "'verbalizer' maps each label"),
+        ("kind: perplexity\ntrain: a.txt\nholdout: lots\n", "'holdout' must be a number"),
+        ("kind: choice\ntrain: a.txt\nchoices_field: [x]\n", "'choices_field' must be a string"),
     ],
 )
 def test_bad_specs_name_the_file_and_field(tmp_path, body, message):
@@ -90,6 +93,9 @@ def test_missing_data_and_labels_are_clear(tmp_path):
     (tmp_path / "gone.txt").write_text("0 zero\n3 three\n0 again\n")
     with pytest.raises(OffsiteError, match="label '3', not in the verbalizer"):
         choice_items(spec, records(spec, tmp_path)[0] + records(spec, tmp_path)[1])
+    mc = parse_spec({"kind": "choice", "train": "x", "choices_field": "options", "label_field": "answer"}, "mc.yaml")  # fmt: skip
+    with pytest.raises(OffsiteError, match="mc.yaml: record 0 needs a list 'options' and an index 'answer'"):  # fmt: skip
+        choice_items(mc, [{"text": "q", "options": ["a", "b"], "answer": 2}])
     with pytest.raises(OffsiteError, match="not a spec file, a built-in task"):
         load_task("no-such-task")
 
