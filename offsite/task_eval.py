@@ -52,7 +52,8 @@ class PerplexityTask:
         for path in (train, test):
             if not Path(path).is_file():
                 raise OffsiteError(f"{path}: data file not found")
-        return cls(Path(train).stem, Path(train).read_text(encoding="utf-8"),
+        name = Path(train).stem.removesuffix("-train").removesuffix("_train")  # e.g. "shakespeare"
+        return cls(name, Path(train).read_text(encoding="utf-8"),
                    Path(test).read_text(encoding="utf-8"), block_size, eval_sequences)  # fmt: skip
 
     def train_data(self, tokenizer) -> TokenData:

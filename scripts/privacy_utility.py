@@ -31,22 +31,13 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for recipe in sorted({r["recipe"] for r in rows}):
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    settings = (("emulator_zero_shot", ":", "#e57373"), ("emulator_finetuned", "--", "#fb8c00"), ("plug_in", "-", "#43a047"))  # fmt: skip
+    for recipe, marker in zip(sorted({r["recipe"] for r in rows}), "os^vD", strict=False):
         rs = sorted((r for r in rows if r["recipe"] == recipe), key=lambda r: r["kept"])
-        ks = [r["kept"] for r in rs]
-        for key, style in (
-            ("emulator_zero_shot", ":"),
-            ("emulator_finetuned", "--"),
-            ("plug_in", "-"),
-        ):
-            ax.plot(
-                ks,
-                [r[key] for r in rs],
-                style,
-                marker="o",
-                label=f"{key.replace('_', ' ')} ({recipe})",
-            )
+        for key, style, colour in settings:
+            ax.plot([r["kept"] for r in rs], [r[key] for r in rs], style, marker=marker, color=colour,
+                    label=f"{key.replace('_', ' ')} ({recipe})")  # fmt: skip
     ax.axhline(rows[0]["full_zero_shot"], color="grey", label="full model zero-shot")
     if rows[0].get("full_finetuned"):
         ax.axhline(rows[0]["full_finetuned"], color="black", label="full-model fine-tuning")
