@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from offsite.packaging import PUBLIC_SAMPLE
 
@@ -48,13 +49,22 @@ class Phase:
             print(f"      done in {time.perf_counter() - self.t:.0f} s", flush=True)
 
 
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr and a non-zero exit (2: bad input), as the CLIs do."""
+    print(f"simulate: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
 def cli(tool: str, *argv: str) -> dict | list:
     """Run `owner ...` or `data-owner ...` as its own process; its JSON result from stdout."""
     module = {"owner": "owner.cli", "data-owner": "data_owner.cli"}[tool]
     print(f"      $ {tool} {' '.join(argv)}", flush=True)
     done = subprocess.run([sys.executable, "-m", module, *argv], stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"simulate: `{tool} {argv[0]}` failed with exit code {done.returncode}")
+        fail(
+            f"`{tool} {argv[0]}` failed (exit code {done.returncode}); its error is above",
+            done.returncode,
+        )
     return json.loads(done.stdout)
 
 
@@ -67,13 +77,13 @@ def start_server(home: Path) -> tuple[subprocess.Popen, str]:
     line = proc.stdout.readline() if proc.stdout else ""
     if not line:
         proc.wait()
-        raise SystemExit(f"simulate: `owner serve` exited with code {proc.returncode}")
+        fail(f"`owner serve` exited with code {proc.returncode}", 1)
     address = json.loads(line)["listening"].replace("127.0.0.1", "localhost")
     print(f"      serving on {address} (pid {proc.pid}, mutual TLS)", flush=True)
     return proc, address
 
 
-def _training_file(task, work: Path, tokenizer) -> Path:
+def _training_file(task, work: Path) -> Path:
     """The data owner's private training data as a file its CLI reads (.txt or prompt/completion)."""
     from offsite.task_eval import PerplexityTask
     from offsite.tasks import completion_pairs
@@ -176,7 +186,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     from offsite.errors import OffsiteError
-    from offsite.loading import load_tokenizer
     from offsite.offsite_eval import five_settings_table, write_results
     from offsite.training import TrainConfig
 
@@ -185,13 +194,13 @@ def main(argv: list[str] | None = None) -> None:
         cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate,
                           warmup_steps=2, seed=a.seed, save_every=0)  # fmt: skip
     except OffsiteError as e:
-        raise SystemExit(f"simulate: {e}") from None
+        fail(str(e))
     work = Path(a.workdir)
     shutil.rmtree(work, ignore_errors=True)
     owner_dir, do_dir = work / "model-owner", work / "data-owner"
     owner_dir.mkdir(parents=True)
     home, creds = owner_dir / "home", do_dir / "credentials.json"
-    train_file = _training_file(task, work, load_tokenizer(a.model))
+    train_file = _training_file(task, work)
     block = str(a.block_size or (128 if task.metric == "perplexity" else 256))
     Phase.n = 0
     t0 = time.perf_counter()
@@ -229,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     with Phase("model owner: verify the adapter again and merge it into the full model"):
         received = [r for r in cli("owner", "adapters", "--home", str(home)) if r["status"] == "verified"]  # fmt: skip
         if not received:
-            raise SystemExit("simulate: the server holds no verified adapter")
+            fail("the server holds no verified adapter", 1)
         cli("owner", "merge-adapter", "--home", str(home), "--model", a.model,
             "--adapter", received[-1]["adapter_id"], "--out", str(owner_dir / "merged"))  # fmt: skip
     with Phase(f"evaluation: the five settings on {task.name}"):

@@ -40,5 +40,5 @@ def test_simulation_refuses_bad_input_before_starting(tmp_path):
     done = subprocess.run([sys.executable, "-m", "scripts.simulate", "--train", str(tmp_path / "none.txt"),
                            "--workdir", str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
-    assert done.returncode != 0 and "none.txt: data file not found" in done.stderr
+    assert done.returncode == 2 and "none.txt: data file not found" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "w").exists()
