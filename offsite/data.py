@@ -39,7 +39,8 @@ class TokenData:
         return sum(len(e.input_ids) for e in self.examples)
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """A UTF-8 text file, or a one-line error naming it (missing, not UTF-8, empty)."""
     if not path.is_file():
         raise OffsiteError(f"{path}: data file not found")
     try:
@@ -128,7 +129,7 @@ def load_data(path: str | Path, tokenizer, block_size: int) -> TokenData:
         raise OffsiteError(
             f"{path}: unsupported data file type {suffix or '(none)'}; use .txt or .jsonl"
         )
-    text = _read_text(path)
+    text = read_text(path)
     digest = hashlib.sha256(text.encode()).hexdigest()
     if suffix == ".txt":
         return TokenData(

@@ -15,7 +15,7 @@ from typing import Protocol
 from torch import nn
 
 from offsite.choice_eval import named_training_items, score_choices, score_named
-from offsite.data import TokenData, pad_id_of, pairs_data, text_data
+from offsite.data import TokenData, pad_id_of, pairs_data, read_text, text_data
 from offsite.errors import OffsiteError
 from offsite.evaluation import perplexity
 from offsite.tasks import ChoiceItem, TaskSpec, choice_items, completion_pairs, records
@@ -49,12 +49,8 @@ class PerplexityTask:
 
     @classmethod
     def from_files(cls, train: Path, test: Path, block_size: int = 128, eval_sequences: int | None = None) -> PerplexityTask:  # fmt: skip
-        for path in (train, test):
-            if not Path(path).is_file():
-                raise OffsiteError(f"{path}: data file not found")
         name = Path(train).stem.removesuffix("-train").removesuffix("_train")  # e.g. "shakespeare"
-        return cls(name, Path(train).read_text(encoding="utf-8"),
-                   Path(test).read_text(encoding="utf-8"), block_size, eval_sequences)  # fmt: skip
+        return cls(name, read_text(Path(train)), read_text(Path(test)), block_size, eval_sequences)
 
     def train_data(self, tokenizer) -> TokenData:
         return text_data(self.train_text, tokenizer, self.block_size, f"{self.name} (train)")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from offsite.data import read_text
 from offsite.errors import OffsiteError
 
 SPEC_VERSION = 1
@@ -73,16 +74,9 @@ class ChoiceItem:
 # -- readers: file -> list of records (dicts of fields) ----------------------------------------
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise OffsiteError(f"{path}: not UTF-8 text (byte {e.start})") from None
-
-
 def _label_sentence(path: Path, ref: FileRef) -> list[dict]:
     rows = []
-    for n, line in enumerate(_read_text(path).splitlines(), start=1):
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
         if line.strip():
             label, _, sentence = line.strip().partition(" ")
             if not sentence:
@@ -93,7 +87,7 @@ def _label_sentence(path: Path, ref: FileRef) -> list[dict]:
 
 def _trec(path: Path, ref: FileRef) -> list[dict]:
     rows = []
-    for n, line in enumerate(_read_text(path).splitlines(), start=1):
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
         if line.strip():
             tag, _, question = line.strip().partition(" ")
             coarse, sep, fine = tag.partition(":")
@@ -106,7 +100,7 @@ def _trec(path: Path, ref: FileRef) -> list[dict]:
 def _csv(path: Path, ref: FileRef) -> list[dict]:
     if not ref.columns:
         raise OffsiteError(f"{path}: a csv file in a task spec needs 'columns'")
-    reader = csv.reader(_read_text(path).splitlines())
+    reader = csv.reader(read_text(path).splitlines())
     rows = list(reader)[1 if ref.header else 0 :]
     for n, row in enumerate(rows, start=2 if ref.header else 1):
         if len(row) != len(ref.columns):
@@ -116,7 +110,7 @@ def _csv(path: Path, ref: FileRef) -> list[dict]:
 
 def _jsonl(path: Path, ref: FileRef) -> list[dict]:
     rows = []
-    for n, line in enumerate(_read_text(path).splitlines(), start=1):
+    for n, line in enumerate(read_text(path).splitlines(), start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
@@ -131,7 +125,7 @@ _OPTION = re.compile(r"Answer(\d+):\s*(.*?)(?=\s*Answer\d+:|$)", re.S)
 def _llm_adapters(path: Path, ref: FileRef) -> list[dict]:
     """LLM-Adapters multiple choice: question and `Answer1: ... AnswerN: ...` in `instruction`."""
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise OffsiteError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     rows = []
@@ -154,7 +148,7 @@ def _llm_adapters(path: Path, ref: FileRef) -> list[dict]:
 
 
 def _text(path: Path, ref: FileRef) -> list[dict]:
-    return [{"text": _read_text(path)}]
+    return [{"text": read_text(path)}]
 
 
 READERS: dict[str, Callable[[Path, FileRef], list[dict]]] = {
@@ -249,7 +243,7 @@ def load_task(name_or_path: str) -> TaskSpec:
     if not path.is_file():
         raise OffsiteError(f"task {name_or_path!r}: not a spec file, a built-in task ({', '.join(builtin_tasks())}) or lm-eval:NAME")  # fmt: skip
     try:
-        raw = yaml.safe_load(_read_text(path))
+        raw = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         raise OffsiteError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     return parse_spec(raw, str(path))
@@ -270,8 +264,8 @@ def resolve(ref: FileRef, data_root: Path, spec: TaskSpec) -> Path:
 def _read(spec: TaskSpec, ref: FileRef, data_root: Path) -> list[dict]:
     path = resolve(ref, data_root, spec)
     rows = READERS[ref.format](path, ref)
-    if not rows or (ref.format == "text" and not rows[0]["text"].strip()):
-        raise OffsiteError(f"{path}: no records (empty file?)")
+    if not rows:  # e.g. a csv with only its header
+        raise OffsiteError(f"{path}: no records")
     return rows
 
 

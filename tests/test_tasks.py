@@ -88,7 +88,7 @@ def test_missing_data_and_labels_are_clear(tmp_path):
     with pytest.raises(OffsiteError, match="gone.txt not found; pass --data-root"):
         records(spec, tmp_path)
     (tmp_path / "gone.txt").write_text("")
-    with pytest.raises(OffsiteError, match="gone.txt: no records"):
+    with pytest.raises(OffsiteError, match="gone.txt: data file is empty"):
         records(spec, tmp_path)
     (tmp_path / "gone.txt").write_text("0 zero\n3 three\n0 again\n")
     with pytest.raises(OffsiteError, match="label '3', not in the verbalizer"):
