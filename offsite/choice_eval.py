@@ -10,9 +10,11 @@ registered lm-eval task can be run by name too.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from offsite.errors import OffsiteError
@@ -31,6 +33,19 @@ def _quiet_lm_eval() -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextmanager
+def _kept_random_state() -> Iterator[None]:
+    import numpy as np
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
 def _lm(model: nn.Module, tokenizer, batch_size: int):
     from lm_eval.models.huggingface import HFLM
 
@@ -46,7 +61,7 @@ def _run(model: nn.Module, tokenizer, task, batch_size: int, limit: int | None) 
 
     was_training = model.training
     model.eval()
-    with _quiet_lm_eval():
+    with _quiet_lm_eval(), _kept_random_state():  # simple_evaluate reseeds every generator
         out = lm_eval.simple_evaluate(
             model=_lm(model, tokenizer, batch_size),
             tasks=[task],

@@ -138,7 +138,11 @@ def test_choice_scoring_matches_hand_computed_log_likelihoods(tokenizer):
         best_norm = max(range(3), key=norm.__getitem__)
     scored = score_choices(model, tokenizer, best)
     assert scored["acc"] == 1.0 and scored["n"] == 3
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
     assert score_choices(model, tokenizer, worst)["acc"] == 0.0
+    assert torch.equal(torch.rand(3), expected), "scoring leaves the caller's random state alone"
     last = ChoiceItem(prompts[-1], options, best_norm)
     assert score_choices(model, tokenizer, [last])["acc_norm"] == 1.0
 
