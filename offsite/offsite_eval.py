@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from offsite.adapter import extract_adapter, plug_adapter
 from offsite.atomic import write_bytes_atomic, write_json_atomic
 from offsite.bundle import package_emulator
-from offsite.data import pad_id_of
+from offsite.data import TokenData, pad_id_of
 from offsite.finetune import freeze_except_adapter
 from offsite.split import SplitPlan
 from offsite.task_eval import Task
@@ -71,13 +71,12 @@ class Scoreboard:
         self.r[setting] = out.pop("value")
         self.r["details"][setting] = out
 
-    def full_finetune(self, full: PreTrainedModel, cfg: TrainConfig, on_step=None) -> None:
+    def full_finetune(self, full: PreTrainedModel, train_data: TokenData, cfg: TrainConfig, on_step=None) -> None:  # fmt: skip
         """The ceiling: a copy of the full model fine-tuned on the same batches, then scored."""
         self.phase("full-model fine-tuning")
         tuned = copy.deepcopy(full)
         tuned.requires_grad_(True)
-        data = self.task.train_data(self.tokenizer)
-        summary = train(tuned, data, cfg, pad_id=pad_id_of(self.tokenizer), on_step=on_step)
+        summary = train(tuned, train_data, cfg, pad_id=pad_id_of(self.tokenizer), on_step=on_step)
         self.r["curves"]["full_finetune"] = [h["loss"] for h in summary["history"]]
         self.score("full_finetuned", tuned)
 
@@ -117,7 +116,7 @@ def evaluate_offsite(
     board.score("plug_in", plugged)
     del plugged, student
     if full_finetune:
-        board.full_finetune(full, cfg, on_step)
+        board.full_finetune(full, train_data, cfg, on_step)
     return board.result(steps=cfg.max_steps, train_examples=len(train_data))
 
 

@@ -64,6 +64,12 @@ class PerplexityTask:
         return {"value": r["perplexity"], "n": r["tokens"], "unit": "tokens"}
 
 
+def _choice_train_data(task: ChoiceTask | LMEvalTask, tokenizer) -> TokenData:
+    """Prompt -> right option pairs (the loss on the option), for both kinds of choice task."""
+    pairs = completion_pairs(list(task.train_items), task.delimiter)
+    return pairs_data(pairs, tokenizer, task.block_size, f"{task.name} (train)")
+
+
 @dataclass(frozen=True)
 class ChoiceTask:
     """Multiple choice or verbalizer classification: fine-tune on prompt -> right option."""
@@ -78,8 +84,7 @@ class ChoiceTask:
     higher_is_better: bool = True
 
     def train_data(self, tokenizer) -> TokenData:
-        pairs = completion_pairs(list(self.train_items), self.delimiter)
-        return pairs_data(pairs, tokenizer, self.block_size, f"{self.name} (train)")
+        return _choice_train_data(self, tokenizer)
 
     def score(self, model: nn.Module, tokenizer) -> dict:
         r = score_choices(model, tokenizer, list(self.test_items), delimiter=self.delimiter,
@@ -101,8 +106,7 @@ class LMEvalTask:
     higher_is_better: bool = True
 
     def train_data(self, tokenizer) -> TokenData:
-        pairs = completion_pairs(list(self.train_items), self.delimiter)
-        return pairs_data(pairs, tokenizer, self.block_size, f"{self.name} (train)")
+        return _choice_train_data(self, tokenizer)
 
     def score(self, model: nn.Module, tokenizer) -> dict:
         r = score_named(model, tokenizer, self.name, batch_size=self.batch_size, limit=self.limit)

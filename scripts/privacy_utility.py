@@ -17,7 +17,7 @@ from pathlib import Path
 
 from offsite.architectures import num_blocks
 from offsite.loading import load_model, load_tokenizer
-from offsite.offsite_eval import evaluate_offsite
+from offsite.offsite_eval import derived, evaluate_offsite
 from offsite.packaging import EmulatorRecipe, make_emulator
 from offsite.split import make_plan
 from offsite.task_eval import PerplexityTask
@@ -114,10 +114,8 @@ def main() -> None:
             if full_ft is None and r["full_finetuned"] is not None:
                 full_ft = r["full_finetuned"]
             elif full_ft is not None:  # same task, same batches: the ceiling is measured once
-                r["full_finetuned"] = full_ft
-                r["gap_closed"] = (r["full_zero_shot"] - r["plug_in"]) / (
-                    r["full_zero_shot"] - full_ft
-                )
+                r.update(full_finetuned=full_ft)
+                r.update(derived(r))
             rows.append({"kept": k, "recipe": name, "selection": a.selection, **r})
             (out / "report.json").write_text(json.dumps(rows, indent=2))
     (out / "report.md").write_text(table(rows))

@@ -147,7 +147,7 @@ def referee(
     if not a.no_full_finetune:
         bar = TrainingBar("full fine-tuning")
         try:
-            board.full_finetune(full, cfg, bar)
+            board.full_finetune(full, task.train_data(board.tokenizer), cfg, bar)
         finally:
             bar.close()
     return board.result(model=a.model, steps=cfg.max_steps)
