@@ -11,6 +11,7 @@ from offsite.adapter import open_adapter, plug_adapter, save_merged, verify_adap
 from offsite.architectures import num_blocks
 from offsite.atomic import atomic_directory, check_output_dir
 from offsite.bundle import open_bundle, package_emulator
+from offsite.corpus import SampleConfig, sample_corpus, write_corpus
 from offsite.errors import OffsiteError
 from offsite.fingerprint import model_fingerprint
 from offsite.loading import DEFAULT_MODEL, load_model, load_tokenizer
@@ -23,7 +24,7 @@ from offsite.task_eval import build_task, load_task_files
 from offsite.tasks import builtin_tasks, default_data_root, load_task
 from offsite.training import TrainConfig
 from offsite_cli.args import add_dtype, add_eval, dtype_of, int_list
-from offsite_cli.progress import TrainingBar, perplexity_with_bar
+from offsite_cli.progress import TrainingBar, counting_bar, perplexity_with_bar
 from offsite_cli.runner import make_parser, print_json, run, subparsers
 
 MERGE_RECORD = "offsite_merge.json"
@@ -222,6 +223,33 @@ def cmd_evaluate_offsite(args: argparse.Namespace) -> None:
     with atomic_directory(out, overwrite=args.overwrite) as tmp:
         write_results(results, tmp)
     print(summary_table(results), end="")
+
+
+def cmd_sample_corpus(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise OffsiteError(f"{out}: already exists; choose another --out or pass --overwrite")
+    if not out.parent.is_dir():
+        raise OffsiteError(f"{out.parent}: no such directory for --out")
+    cfg = SampleConfig(documents=args.documents, tokens=args.tokens, batch_size=args.batch_size,
+                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)  # fmt: skip
+    model = load_model(args.model, dtype=dtype_of(args))
+    tokenizer = load_tokenizer(args.model)
+    advance, close = counting_bar(cfg.documents, "sampling")
+    done = 0
+
+    def on_batch(n: int, total: int) -> None:
+        nonlocal done
+        advance(n - done)
+        done = n
+
+    try:
+        docs = sample_corpus(model, tokenizer, cfg, on_batch=on_batch)
+    finally:
+        close()
+    write_corpus(out, docs)
+    print_json({"corpus": str(out), "documents": len(docs), "bytes": out.stat().st_size,
+                "model": args.model, "seed": cfg.seed})  # fmt: skip
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -453,6 +481,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     add_dtype(p)
     p.set_defaults(func=cmd_evaluate_offsite)
+
+    p = sub.add_parser(
+        "sample-corpus",
+        help="write a public corpus sampled from the full model (for --selection-data/--distill-data)",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the full model to sample from")
+    p.add_argument("--out", required=True, help="text file to write (documents separated by blank lines)")  # fmt: skip
+    p.add_argument("--documents", type=int, default=256, help="documents to sample (default 256)")  # fmt: skip
+    p.add_argument("--tokens", type=int, default=256, help="tokens per document (default 256)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=32, help="documents sampled together (default 32)")  # fmt: skip
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_dtype(p)
+    p.set_defaults(func=cmd_sample_corpus)
 
     p = sub.add_parser("evaluate", help="perplexity of a model on held-out data, JSON on stdout")
     p.add_argument(
