@@ -93,10 +93,16 @@ def evaluate_offsite(
     cfg: TrainConfig,
     *,
     full_finetune: bool = True,
+    full_cfg: TrainConfig | None = None,
     on_phase: Callable[[str], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
 ) -> dict:
-    """Run the five settings on one task; `full` is left unchanged. Returns numbers and curves."""
+    """Run the five settings on one task; `full` is left unchanged. Returns numbers and curves.
+
+    `cfg` trains the adapter; `full_cfg` (default `cfg`) the full-model ceiling, on the same
+    batches: the two want different learning rates, and each should get its best.
+    """
+    full_cfg = full_cfg or cfg
     board = Scoreboard(task, tokenizer, on_phase)
     train_data = task.train_data(tokenizer)
     board.score("full_zero_shot", full)
@@ -116,8 +122,9 @@ def evaluate_offsite(
     board.score("plug_in", plugged)
     del plugged, student
     if full_finetune:
-        board.full_finetune(full, train_data, cfg, on_step)
-    return board.result(steps=cfg.max_steps, train_examples=len(train_data))
+        board.full_finetune(full, train_data, full_cfg, on_step)
+    return board.result(steps=cfg.max_steps, train_examples=len(train_data), learning_rate=cfg.learning_rate,
+                        full_learning_rate=full_cfg.learning_rate)  # fmt: skip
 
 
 def _fmt(r: dict, value: float) -> str:

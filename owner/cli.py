@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from offsite.adapter import open_adapter, plug_adapter, save_merged, verify_adapter
@@ -216,6 +217,7 @@ def cmd_evaluate_offsite(args: argparse.Namespace) -> None:
         try:
             r = evaluate_offsite(model, tok, bundle.plan, bundle.load_model(), task, cfg,
                                  full_finetune=not args.no_full_finetune, on_step=bar,
+                                 full_cfg=replace(cfg, learning_rate=args.full_learning_rate or cfg.learning_rate),
                                  on_phase=lambda name, t=task.name: print(f"== [{t}] {name}", file=sys.stderr, flush=True))  # fmt: skip
         finally:
             bar.close()
@@ -464,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tuning steps, the same for emulator and full model",
     )
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--learning-rate", type=float, default=2e-4)
+    p.add_argument("--learning-rate", type=float, default=2e-4, help="the adapter's peak learning rate (default 2e-4)")  # fmt: skip
+    p.add_argument("--full-learning-rate", type=float, default=None,
+                   help="full-model fine-tuning's learning rate (default: --learning-rate)")  # fmt: skip
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--seed", type=int, default=42, help="training order and the split of spec files without a test file")  # fmt: skip
     p.add_argument("--block-size", type=int, default=None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from offsite.architectures import num_blocks
@@ -80,7 +81,9 @@ def main() -> None:
     p.add_argument("--distill-steps", type=int, default=150)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--learning-rate", type=float, default=2e-4)
+    p.add_argument("--learning-rate", type=float, default=2e-4, help="the adapter's peak learning rate")  # fmt: skip
+    p.add_argument("--full-learning-rate", type=float, default=None,
+                   help="full-model fine-tuning's learning rate (default: --learning-rate)")  # fmt: skip
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--eval-sequences", type=int, default=None)
     p.add_argument("--no-full-finetune", action="store_true")
@@ -110,6 +113,7 @@ def main() -> None:
                 full, tok, make_plan(num_blocks(full.config), emulator_layers=k), recipe
             )
             r = evaluate_offsite(full, tok, plan, emulator, task, cfg, full_finetune=full_ft is None and not a.no_full_finetune,
+                                 full_cfg=replace(cfg, learning_rate=a.full_learning_rate or a.learning_rate),
                                  on_phase=lambda s, k=k: print(f"[kept {k}] {s}", flush=True))  # fmt: skip
             if full_ft is None and r["full_finetuned"] is not None:
                 full_ft = r["full_finetuned"]

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -122,9 +123,10 @@ def _task(a: argparse.Namespace):
 
 
 def referee(
-    a: argparse.Namespace, task, bundle_dir: Path, adapter: Path, merged: Path, cfg
+    a: argparse.Namespace, task, bundle_dir: Path, adapter: Path, merged: Path, full_cfg
 ) -> dict:
-    """The five settings on the task, each model loaded from what the parties produced."""
+    """The five settings on the task, each model loaded from what the parties produced; `full_cfg`
+    trains the full-model ceiling."""
     from offsite.adapter import open_adapter, plug_into_emulator
     from offsite.bundle import open_bundle
     from offsite.loading import load_model, load_tokenizer
@@ -147,10 +149,11 @@ def referee(
     if not a.no_full_finetune:
         bar = TrainingBar("full fine-tuning")
         try:
-            board.full_finetune(full, task.train_data(board.tokenizer), cfg, bar)
+            board.full_finetune(full, task.train_data(board.tokenizer), full_cfg, bar)
         finally:
             bar.close()
-    return board.result(model=a.model, steps=cfg.max_steps)
+    return board.result(model=a.model, steps=full_cfg.max_steps, learning_rate=a.learning_rate,
+                        full_learning_rate=full_cfg.learning_rate)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -171,7 +174,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--distill-steps", type=int, default=0, help="distil the emulator on --selection-data first (slow on CPU)")  # fmt: skip
     p.add_argument("--steps", type=int, default=40, help="fine-tuning steps (data owner and full-model ceiling)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--learning-rate", type=float, default=2e-4)
+    p.add_argument("--learning-rate", type=float, default=2e-4, help="the adapter's peak learning rate")  # fmt: skip
+    p.add_argument("--full-learning-rate", type=float, default=None,
+                   help="the referee's full-model fine-tuning learning rate (default: --learning-rate)")  # fmt: skip
     p.add_argument("--block-size", type=int, default=None, help="tokens per sequence (default 128 LM, 256 choice)")  # fmt: skip
     p.add_argument("--eval-limit", type=int, default=None, help="test items (choice) or held-out blocks (LM, default 48)")  # fmt: skip
     p.add_argument("--train-limit", type=int, default=None, help="training items to use (choice tasks)")  # fmt: skip
@@ -242,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         cli("owner", "merge-adapter", "--home", str(home), "--model", a.model,
             "--adapter", received[-1]["adapter_id"], "--out", str(owner_dir / "merged"))  # fmt: skip
     with Phase(f"evaluation: the five settings on {task.name}"):
-        r = referee(a, task, do_dir / "bundle", do_dir / "adapter", owner_dir / "merged", cfg)
+        full_cfg = replace(cfg, learning_rate=a.full_learning_rate or cfg.learning_rate)
+        r = referee(a, task, do_dir / "bundle", do_dir / "adapter", owner_dir / "merged", full_cfg)
         write_results([r], work / "results")
     print(f"\nFive settings on {task.name} ({task.metric}; {a.steps} steps; {time.perf_counter() - t0:.0f} s in all)")  # fmt: skip
     print(five_settings_table(r))

@@ -235,8 +235,9 @@ def test_evaluate_offsite_writes_the_five_settings(flow, tmp_path, capsys):
     args = ["evaluate-offsite", "--bundle", str(flow / "bundle"), "--train", str(flow / "corpus.txt"),
             "--test", str(flow / "corpus.txt"), "--steps", "2", "--block-size", "16", "--max-sequences", "4"]  # fmt: skip
     capsys.readouterr()
-    assert owner([*args, "--model", str(flow / "model"), "--out", str(tmp_path / "r")]) == 0
+    assert owner([*args, "--model", str(flow / "model"), "--out", str(tmp_path / "r"), "--full-learning-rate", "1e-3"]) == 0  # fmt: skip
     result = json.loads((tmp_path / "r" / "corpus" / "result.json").read_text())
+    assert (result["learning_rate"], result["full_learning_rate"]) == (2e-4, 1e-3)
     assert {
         "full_zero_shot",
         "emulator_zero_shot",
