@@ -6,7 +6,7 @@ import copy
 
 from transformers import PreTrainedModel
 
-from offsite.architectures import num_blocks, set_blocks
+from offsite.architectures import get_blocks, num_blocks, set_blocks
 from offsite.errors import OffsiteError
 from offsite.split import SplitPlan
 
@@ -25,9 +25,15 @@ def build_emulator(
 ) -> PreTrainedModel:
     """Adapter blocks + kept middle blocks (renumbered), with embeddings, norm and head.
 
-    With `inplace=False` the full model is left untouched (its weights are copied).
+    With `inplace=False` the full model is left untouched: its weights are copied, all but the
+    dropped blocks' (the copy would be thrown away at once; for a large model it doubles memory).
     """
     check_plan_fits(model, plan)
-    emulator = model if inplace else copy.deepcopy(model)
-    set_blocks(emulator, list(plan.emulator_order))
+    if inplace:
+        emulator = model
+    else:
+        kept = set(plan.emulator_order)
+        shared = {id(b): b for i, b in enumerate(get_blocks(model)) if i not in kept}
+        emulator = copy.deepcopy(model, shared)  # dropped blocks are referenced, not copied...
+    set_blocks(emulator, list(plan.emulator_order))  # ...and leave the copy here
     return emulator

@@ -20,7 +20,8 @@ from offsite.data import TokenData, collate
 from offsite.errors import OffsiteError
 from offsite.split import SplitPlan
 
-STRATEGIES = ("uniform", "redundancy", "similarity", "explicit")
+RULES = ("uniform", "redundancy", "similarity")  # chosen by name; "explicit" takes indices
+STRATEGIES = (*RULES, "explicit")
 
 
 @dataclass(frozen=True)

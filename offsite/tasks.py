@@ -249,8 +249,9 @@ def load_task(name_or_path: str) -> TaskSpec:
     return parse_spec(raw, str(path))
 
 
-def default_data_root() -> Path:
-    return Path(os.environ.get("OFFSITE_DATA", "../shared/data"))
+def data_root(given: str | None = None) -> Path:
+    """Where task specs' data files live: `given` (--data-root), else $OFFSITE_DATA, else ../shared/data."""
+    return Path(given or os.environ.get("OFFSITE_DATA", "../shared/data"))
 
 
 def resolve(ref: FileRef, data_root: Path, spec: TaskSpec) -> Path:

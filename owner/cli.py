@@ -19,10 +19,11 @@ from offsite.loading import DEFAULT_MODEL, load_model, load_tokenizer
 from offsite.offsite_eval import evaluate_offsite, summary_table, write_results
 from offsite.owner_home import enroll, init_home, listing, open_home
 from offsite.packaging import EmulatorRecipe, make_emulator
+from offsite.selection import RULES
 from offsite.signing import Signer, load_public
 from offsite.split import make_plan
 from offsite.task_eval import build_task, load_task_files
-from offsite.tasks import builtin_tasks, default_data_root, load_task
+from offsite.tasks import builtin_tasks, data_root, load_task
 from offsite.training import TrainConfig
 from offsite_cli.args import add_dtype, add_eval, dtype_of, int_list
 from offsite_cli.progress import TrainingBar, counting_bar, perplexity_with_bar
@@ -195,7 +196,7 @@ def _tasks(args: argparse.Namespace) -> list:
                 Path(args.train), Path(args.test), args.block_size or 128, args.eval_limit
             )
         ]
-    root = Path(args.data_root) if args.data_root else default_data_root()
+    root = data_root(args.data_root)
     return [build_task(load_task(t), root, block_size=args.block_size, eval_limit=args.eval_limit,
                        train_limit=args.train_limit, seed=args.seed) for t in args.task]  # fmt: skip
 
@@ -309,7 +310,7 @@ def _add_package(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     add_dtype(p)
     g = p.add_argument_group("emulator quality")
-    g.add_argument("--selection", choices=["uniform", "redundancy", "similarity"], default="redundancy",
+    g.add_argument("--selection", choices=RULES, default="redundancy",
                    help="which middle blocks to keep: redundancy (default: drop the blocks that change their input least), "
                    "uniform (the paper's rule), similarity (CRaSh-style clusters)")  # fmt: skip
     g.add_argument(

@@ -20,6 +20,7 @@ from offsite.data import TokenData, load_data, pad_id_of
 from offsite.evaluation import perplexity
 from offsite.loading import load_model, load_tokenizer
 from offsite.packaging import EmulatorRecipe, make_emulator
+from offsite.selection import RULES
 from offsite.split import make_plan
 from offsite.training import TrainConfig
 
@@ -34,7 +35,7 @@ def main() -> None:
     )
     p.add_argument("--heldout", required=True, help="held-out text for perplexity")
     p.add_argument("--kept", type=int, nargs="+", default=[13])
-    p.add_argument("--strategies", nargs="+", default=["uniform", "redundancy", "similarity"])
+    p.add_argument("--strategies", nargs="+", default=list(RULES), choices=RULES)
     p.add_argument("--distill-steps", type=int, default=0)
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--eval-sequences", type=int, default=32)

@@ -20,6 +20,7 @@ from offsite.architectures import num_blocks
 from offsite.loading import load_model, load_tokenizer
 from offsite.offsite_eval import derived, evaluate_offsite
 from offsite.packaging import EmulatorRecipe, make_emulator
+from offsite.selection import RULES
 from offsite.split import make_plan
 from offsite.task_eval import PerplexityTask
 from offsite.training import TrainConfig
@@ -67,9 +68,7 @@ def main() -> None:
     p.add_argument("--train", required=True)
     p.add_argument("--test", required=True)
     p.add_argument("--kept", type=int, nargs="+", default=[13, 20, 23])
-    p.add_argument(
-        "--selection", default="uniform", choices=["uniform", "redundancy", "similarity"]
-    )
+    p.add_argument("--selection", default="redundancy", choices=RULES)
     p.add_argument(
         "--selection-data",
         default=None,

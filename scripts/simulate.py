@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from offsite.packaging import PUBLIC_SAMPLE
+from offsite.selection import RULES
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 PHASES = 8
@@ -106,11 +107,10 @@ def _training_file(task, work: Path) -> Path:
 def _task(a: argparse.Namespace):
     from offsite.errors import OffsiteError
     from offsite.task_eval import build_task, load_task_files
-    from offsite.tasks import FileRef, TaskSpec, default_data_root, load_task
+    from offsite.tasks import FileRef, TaskSpec, data_root, load_task
 
     if a.task:
-        root = Path(a.data_root) if a.data_root else default_data_root()
-        return build_task(load_task(a.task), root, block_size=a.block_size, eval_limit=a.eval_limit,
+        return build_task(load_task(a.task), data_root(a.data_root), block_size=a.block_size, eval_limit=a.eval_limit,
                           train_limit=a.train_limit, seed=a.seed)  # fmt: skip
     for path in (a.train, a.test):
         if path is not None and not Path(path).is_file():
@@ -168,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--emulator-layers", type=int, default=None, help="middle blocks kept (default half)")  # fmt: skip
     p.add_argument("--adapter-bottom", type=int, default=2, help="adapter blocks at the bottom (default 2)")  # fmt: skip
     p.add_argument("--adapter-top", type=int, default=2, help="adapter blocks at the top (default 2)")  # fmt: skip
-    p.add_argument("--selection", default="redundancy", choices=["uniform", "redundancy", "similarity"])  # fmt: skip
+    p.add_argument("--selection", default="redundancy", choices=RULES)  # fmt: skip
     p.add_argument("--selection-data", default=None,
                    help="the owner's public sample text for block selection and distillation (default: the built-in WikiText sample)")  # fmt: skip
     p.add_argument("--distill-steps", type=int, default=0, help="distil the emulator on --selection-data first (slow on CPU)")  # fmt: skip

@@ -32,6 +32,12 @@ def test_dropping_blocks_changes_the_model_and_leaves_the_original_intact(family
         assert not torch.allclose(emulator(INPUT).logits, model(INPUT).logits)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert len(get_blocks(model)) == DEPTH
+    full_storage = {p.data_ptr() for p in model.parameters()}
+    assert not full_storage & {p.data_ptr() for p in emulator.parameters()}, "weights are copied"
+    with torch.no_grad():  # training the emulator cannot reach the full model
+        for p in emulator.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
