@@ -25,6 +25,7 @@ class SampleConfig:
     tokens: int = 256  # new tokens per document
     batch_size: int = 32
     temperature: float = 1.0
+    top_k: int = 50  # 0: no top-k cut
     top_p: float = 0.95
     seed: int = 0
 
@@ -34,6 +35,8 @@ class SampleConfig:
                 raise OffsiteError(f"--{name.replace('_', '-')} must be >= 1")
         if self.temperature <= 0:
             raise OffsiteError("--temperature must be > 0")
+        if self.top_k < 0:
+            raise OffsiteError("--top-k must be >= 0 (0: no top-k cut)")
         if not 0 < self.top_p <= 1:
             raise OffsiteError("--top-p must be in (0, 1]")
 
@@ -76,7 +79,7 @@ def sample_corpus(
             ids = torch.full((n, 1), start, dtype=torch.long, device=device)
             out = model.generate(
                 ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=cfg.temperature,
-                top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.tokens, pad_token_id=eos if eos is not None else start,
+                top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.tokens, pad_token_id=eos if eos is not None else start,
             )  # fmt: skip
             for row in out[:, 1:].tolist():
                 if eos is not None and eos in row:

@@ -235,7 +235,7 @@ def cmd_sample_corpus(args: argparse.Namespace) -> None:
     if not out.parent.is_dir():
         raise OffsiteError(f"{out.parent}: no such directory for --out")
     cfg = SampleConfig(documents=args.documents, tokens=args.tokens, batch_size=args.batch_size,
-                       temperature=args.temperature, top_p=args.top_p, seed=args.seed)  # fmt: skip
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)  # fmt: skip
     model = load_model(args.model, dtype=dtype_of(args))
     tokenizer = load_tokenizer(args.model)
     advance, close = counting_bar(cfg.documents, "sampling")
@@ -497,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=256, help="tokens per document (default 256)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=32, help="documents sampled together (default 32)")  # fmt: skip
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default 50; 0: all)")  # fmt: skip
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

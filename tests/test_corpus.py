@@ -33,7 +33,8 @@ def test_documents_start_where_the_tokenizer_starts_them(tokenizer):
 
 
 @pytest.mark.parametrize(
-    "field, value", [("documents", 0), ("tokens", 0), ("temperature", 0.0), ("top_p", 1.5)]
+    "field, value",
+    [("documents", 0), ("tokens", 0), ("temperature", 0.0), ("top_k", -1), ("top_p", 1.5)],
 )
 def test_bad_sampling_options(field, value):
     with pytest.raises(OffsiteError, match=field.replace("_", "-")):
