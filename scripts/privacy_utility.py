@@ -12,6 +12,7 @@ model's zero-shot and fine-tuned levels as lines), so the owner can pick an emul
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +36,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     settings = (("emulator_zero_shot", ":", "#e57373"), ("emulator_finetuned", "--", "#fb8c00"), ("plug_in", "-", "#43a047"))  # fmt: skip
-    for recipe, marker in zip(sorted({r["recipe"] for r in rows}), "os^vD", strict=False):
+    for recipe, marker in zip(sorted({r["recipe"] for r in rows}), itertools.cycle("os^vDPX*")):
         rs = sorted((r for r in rows if r["recipe"] == recipe), key=lambda r: r["kept"])
         for key, style, colour in settings:
             ax.plot([r["kept"] for r in rs], [r[key] for r in rs], style, marker=marker, color=colour,
