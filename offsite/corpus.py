@@ -8,11 +8,13 @@ would not ship anyway.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from offsite.atomic import write_bytes_atomic
@@ -56,6 +58,16 @@ def document_start(tokenizer) -> int:
     return start
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def sample_corpus(
     model: PreTrainedModel,
@@ -68,12 +80,9 @@ def sample_corpus(
     start = document_start(tokenizer)
     eos = tokenizer.eos_token_id
     device = next(model.parameters()).device
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(cfg.seed)
-    was_training = model.training
-    model.eval()
     docs: list[str] = []
-    try:
+    with torch.random.fork_rng(), _eval_mode(model):  # the caller's random state is left alone
+        torch.manual_seed(cfg.seed)
         while len(docs) < cfg.documents:
             n = min(cfg.batch_size, cfg.documents - len(docs))
             ids = torch.full((n, 1), start, dtype=torch.long, device=device)
@@ -88,9 +97,6 @@ def sample_corpus(
                 docs.append(text)
             if on_batch is not None:
                 on_batch(len(docs), cfg.documents)
-    finally:
-        torch.random.set_rng_state(generator_state)
-        model.train(was_training)
     return [d for d in docs if d]
 
 

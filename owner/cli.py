@@ -230,6 +230,8 @@ def cmd_evaluate_offsite(args: argparse.Namespace) -> None:
 
 def cmd_sample_corpus(args: argparse.Namespace) -> None:
     out = Path(args.out)
+    if out.is_dir():
+        raise OffsiteError(f"{out}: is a directory; --out takes a file path")
     if out.exists() and not args.overwrite:
         raise OffsiteError(f"{out}: already exists; choose another --out or pass --overwrite")
     if not out.parent.is_dir():
