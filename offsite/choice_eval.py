@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from offsite.errors import OffsiteError
+from offsite.evaluation import eval_mode
 from offsite.tasks import ChoiceItem
 
 
@@ -37,13 +38,13 @@ def _quiet_lm_eval() -> Iterator[None]:
 def _kept_random_state() -> Iterator[None]:
     import numpy as np
 
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    states = random.getstate(), np.random.get_state()
     try:
-        yield
+        with torch.random.fork_rng():  # torch's generators, CUDA's included
+            yield
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
 
 
 def _lm(model: nn.Module, tokenizer, batch_size: int):
@@ -59,9 +60,11 @@ def _run(model: nn.Module, tokenizer, task, batch_size: int, limit: int | None) 
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    was_training = model.training
-    model.eval()
-    with _quiet_lm_eval(), _kept_random_state():  # simple_evaluate reseeds every generator
+    with (
+        eval_mode(model),
+        _quiet_lm_eval(),
+        _kept_random_state(),
+    ):  # simple_evaluate reseeds every generator
         out = lm_eval.simple_evaluate(
             model=_lm(model, tokenizer, batch_size),
             tasks=[task],
@@ -71,7 +74,6 @@ def _run(model: nn.Module, tokenizer, task, batch_size: int, limit: int | None) 
             log_samples=True,
             verbosity="ERROR",
         )
-    model.train(was_training)
     return out
 
 

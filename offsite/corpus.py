@@ -8,17 +8,16 @@ would not ship anyway.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 
 from offsite.atomic import write_bytes_atomic
 from offsite.errors import OffsiteError
+from offsite.evaluation import eval_mode
 
 
 @dataclass(frozen=True)
@@ -58,16 +57,6 @@ def document_start(tokenizer) -> int:
     return start
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 @torch.no_grad()
 def sample_corpus(
     model: PreTrainedModel,
@@ -81,7 +70,7 @@ def sample_corpus(
     eos = tokenizer.eos_token_id
     device = next(model.parameters()).device
     docs: list[str] = []
-    with torch.random.fork_rng(), _eval_mode(model):  # the caller's random state is left alone
+    with torch.random.fork_rng(), eval_mode(model):  # the caller's random state is left alone
         torch.manual_seed(cfg.seed)
         while len(docs) < cfg.documents:
             n = min(cfg.batch_size, cfg.documents - len(docs))

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from offsite.data import IGNORE_INDEX, TokenData, collate, load_data, pad_id_of
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode for the block, then back in the mode it was in (also on error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def batch_nll(
@@ -38,18 +50,16 @@ def perplexity(
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float | int]:
     """Perplexity of `model` on `data`, as a JSON-ready dict."""
-    was_training = model.training
-    model.eval()
     device = device or next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        batch = collate(data.examples[start : start + batch_size], pad_id)
-        nll, n = batch_nll(model, {k: v.to(device) for k, v in batch.items()})
-        total += float(nll)
-        count += int(n)
-        if on_batch:
-            on_batch(len(batch["input_ids"]))
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(data), batch_size):
+            batch = collate(data.examples[start : start + batch_size], pad_id)
+            nll, n = batch_nll(model, {k: v.to(device) for k, v in batch.items()})
+            total += float(nll)
+            count += int(n)
+            if on_batch:
+                on_batch(len(batch["input_ids"]))
     mean = total / max(count, 1)
     return {
         "perplexity": math.exp(mean),

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from offsite.architectures import get_blocks
 from offsite.data import TokenData, collate
 from offsite.errors import OffsiteError
+from offsite.evaluation import eval_mode
 from offsite.split import SplitPlan
 
 RULES = ("uniform", "redundancy", "similarity")  # chosen by name; "explicit" takes indices
@@ -56,27 +57,25 @@ def block_stats(
     redundancy = torch.zeros(n, dtype=torch.float64)
     similarity = torch.zeros(n, n, dtype=torch.float64)
     tokens = 0
-    was_training = model.training
-    model.eval()
-    try:
-        examples = data.examples[:max_sequences]
-        for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start : start + batch_size], 0)
-            captured.clear()
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            mask = batch["attention_mask"].bool()
-            outs = torch.stack(
-                [F.normalize(captured[i][1][mask], dim=-1) for i in range(n)]
-            )  # n, T, d
-            for i in range(n):
-                x, y = captured[i][0][mask], captured[i][1][mask]
-                redundancy[i] += (1 - F.cosine_similarity(x, y, dim=-1)).sum().double()
-            similarity += torch.einsum("itd,jtd->ij", outs, outs).double()
-            tokens += int(mask.sum())
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            examples = data.examples[:max_sequences]
+            for start in range(0, len(examples), batch_size):
+                batch = collate(examples[start : start + batch_size], 0)
+                captured.clear()
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                mask = batch["attention_mask"].bool()
+                outs = torch.stack(
+                    [F.normalize(captured[i][1][mask], dim=-1) for i in range(n)]
+                )  # n, T, d
+                for i in range(n):
+                    x, y = captured[i][0][mask], captured[i][1][mask]
+                    redundancy[i] += (1 - F.cosine_similarity(x, y, dim=-1)).sum().double()
+                similarity += torch.einsum("itd,jtd->ij", outs, outs).double()
+                tokens += int(mask.sum())
+        finally:
+            for h in handles:
+                h.remove()
     if tokens == 0:
         raise OffsiteError("no tokens to measure block statistics on; give more selection data")
     return BlockStats((redundancy / tokens).tolist(), (similarity / tokens).tolist())
