@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
@@ -93,16 +94,16 @@ def evaluate_offsite(
     cfg: TrainConfig,
     *,
     full_finetune: bool = True,
-    full_cfg: TrainConfig | None = None,
+    full_learning_rate: float | None = None,
     on_phase: Callable[[str], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
 ) -> dict:
     """Run the five settings on one task; `full` is left unchanged. Returns numbers and curves.
 
-    `cfg` trains the adapter; `full_cfg` (default `cfg`) the full-model ceiling, on the same
-    batches: the two want different learning rates, and each should get its best.
+    `cfg` trains the adapter, and the full-model ceiling on the same batches but at
+    `full_learning_rate` (default `cfg`'s): the two want different rates, and each should get its best.
     """
-    full_cfg = full_cfg or cfg
+    full_cfg = replace(cfg, learning_rate=full_learning_rate or cfg.learning_rate)
     board = Scoreboard(task, tokenizer, on_phase)
     train_data = task.train_data(tokenizer)
     board.score("full_zero_shot", full)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from offsite.adapter import open_adapter, plug_adapter, save_merged, verify_adapter
@@ -218,7 +217,7 @@ def cmd_evaluate_offsite(args: argparse.Namespace) -> None:
         try:
             r = evaluate_offsite(model, tok, bundle.plan, bundle.load_model(), task, cfg,
                                  full_finetune=not args.no_full_finetune, on_step=bar,
-                                 full_cfg=replace(cfg, learning_rate=args.full_learning_rate or cfg.learning_rate),
+                                 full_learning_rate=args.full_learning_rate,
                                  on_phase=lambda name, t=task.name: print(f"== [{t}] {name}", file=sys.stderr, flush=True))  # fmt: skip
         finally:
             bar.close()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from dataclasses import replace
 from pathlib import Path
 
 from offsite.architectures import num_blocks
@@ -113,7 +112,7 @@ def main() -> None:
                 full, tok, make_plan(num_blocks(full.config), emulator_layers=k), recipe
             )
             r = evaluate_offsite(full, tok, plan, emulator, task, cfg, full_finetune=full_ft is None and not a.no_full_finetune,
-                                 full_cfg=replace(cfg, learning_rate=a.full_learning_rate or a.learning_rate),
+                                 full_learning_rate=a.full_learning_rate,
                                  on_phase=lambda s, k=k: print(f"[kept {k}] {s}", flush=True))  # fmt: skip
             if full_ft is None and r["full_finetuned"] is not None:
                 full_ft = r["full_finetuned"]
