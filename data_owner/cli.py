@@ -11,12 +11,12 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from offsite.adapter import open_adapter, plug_into_emulator
-from offsite.bundle import Bundle, check_bundle_model, open_bundle
-from offsite.credentials import load_credentials
+from offsite.artefacts.adapter import open_adapter, plug_into_emulator
+from offsite.artefacts.bundle import Bundle, check_bundle_model, open_bundle
+from offsite.artefacts.signing import Signer, load_private, load_public
 from offsite.errors import OffsiteError
-from offsite.finetune import FinetuneJob, finetune_bundle
-from offsite.signing import Signer, load_private, load_public
+from offsite.exchange.credentials import load_credentials
+from offsite.training.finetune import FinetuneJob, finetune_bundle
 from offsite_cli.args import add_eval, add_training, train_config
 from offsite_cli.progress import TrainingBar, perplexity_with_bar
 from offsite_cli.runner import make_parser, print_json, run, subparsers

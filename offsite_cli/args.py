@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from offsite.errors import OffsiteError
-from offsite.training import PRECISIONS, SCHEDULES, TrainConfig
+from offsite.training.loop import PRECISIONS, SCHEDULES, TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
-from offsite.evaluation import perplexity_on_file
-from offsite.training import StepInfo
+from offsite.evaluation.perplexity import perplexity_on_file
+from offsite.training.loop import StepInfo
 
 
 class TrainingBar:

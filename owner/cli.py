@@ -7,23 +7,23 @@ import json
 import sys
 from pathlib import Path
 
-from offsite.adapter import open_adapter, plug_adapter, save_merged, verify_adapter
-from offsite.architectures import num_blocks
+from offsite.artefacts.adapter import open_adapter, plug_adapter, save_merged, verify_adapter
+from offsite.artefacts.bundle import open_bundle, package_emulator
+from offsite.artefacts.signing import Signer, load_public
 from offsite.atomic import atomic_directory, check_output_dir
-from offsite.bundle import open_bundle, package_emulator
-from offsite.corpus import SampleConfig, sample_corpus, write_corpus
+from offsite.emulator.corpus import SampleConfig, sample_corpus, write_corpus
+from offsite.emulator.plan import make_plan
+from offsite.emulator.recipe import EmulatorRecipe, make_emulator
+from offsite.emulator.selection import RULES
 from offsite.errors import OffsiteError
-from offsite.fingerprint import model_fingerprint
-from offsite.loading import DEFAULT_MODEL, load_model, load_tokenizer
-from offsite.offsite_eval import evaluate_offsite, summary_table, write_results
-from offsite.owner_home import enroll, init_home, listing, open_home
-from offsite.packaging import EmulatorRecipe, make_emulator
-from offsite.selection import RULES
-from offsite.signing import Signer, load_public
-from offsite.split import make_plan
-from offsite.task_eval import build_task, load_task_files
-from offsite.tasks import builtin_tasks, data_root, load_task
-from offsite.training import TrainConfig
+from offsite.evaluation.five_settings import evaluate_offsite, summary_table, write_results
+from offsite.evaluation.specs import builtin_tasks, data_root, load_task
+from offsite.evaluation.tasks import build_task, load_task_files
+from offsite.exchange.home import enroll, init_home, listing, open_home
+from offsite.models.architectures import num_blocks
+from offsite.models.fingerprint import model_fingerprint
+from offsite.models.loading import DEFAULT_MODEL, load_model, load_tokenizer
+from offsite.training.loop import TrainConfig
 from offsite_cli.args import add_dtype, add_eval, dtype_of, int_list
 from offsite_cli.progress import TrainingBar, counting_bar, perplexity_with_bar
 from offsite_cli.runner import make_parser, print_json, run, subparsers

@@ -7,8 +7,8 @@ import logging
 import signal
 import threading
 
-from offsite.exchange import OwnerService
-from offsite.owner_home import OwnerHome
+from offsite.exchange.home import OwnerHome
+from offsite.exchange.service import OwnerService
 from offsite.transport.server import start_server
 
 

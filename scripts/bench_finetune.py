@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from offsite.architectures import num_blocks
-from offsite.bundle import open_bundle, package_emulator
-from offsite.data import load_data, pad_id_of
-from offsite.finetune import freeze_except_adapter
-from offsite.flops import finetune_flops_per_token
-from offsite.loading import load_model, load_tokenizer
-from offsite.split import make_plan
-from offsite.training import TrainConfig, train
+from offsite.artefacts.bundle import open_bundle, package_emulator
+from offsite.emulator.plan import make_plan
+from offsite.models.architectures import num_blocks
+from offsite.models.flops import finetune_flops_per_token
+from offsite.models.loading import load_model, load_tokenizer
+from offsite.training.data import load_data, pad_id_of
+from offsite.training.finetune import freeze_except_adapter
+from offsite.training.loop import TrainConfig, train
 
 SAMPLE = "data/samples/shakespeare-train.txt"
 

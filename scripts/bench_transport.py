@@ -38,12 +38,12 @@ def _make_bundle(work: Path, size: int):
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny import save_tiny
 
-    from offsite.bundle import MANIFEST_NAME, SIGNATURE_NAME, package_emulator
-    from offsite.loading import load_model, load_tokenizer
-    from offsite.manifest import hash_files
-    from offsite.owner_home import enroll, init_home, listing
-    from offsite.signing import Signer
-    from offsite.split import make_plan
+    from offsite.artefacts.bundle import MANIFEST_NAME, SIGNATURE_NAME, package_emulator
+    from offsite.artefacts.manifest import hash_files
+    from offsite.artefacts.signing import Signer
+    from offsite.emulator.plan import make_plan
+    from offsite.exchange.home import enroll, init_home, listing
+    from offsite.models.loading import load_model, load_tokenizer
 
     home = init_home(work / "home", [])
     creds = enroll(home, "bench")
@@ -59,7 +59,7 @@ def _make_bundle(work: Path, size: int):
     Signer("model-owner", home.signing_key).sign(
         bundle.path / MANIFEST_NAME, bundle.path / SIGNATURE_NAME
     )
-    from offsite.bundle import open_bundle
+    from offsite.artefacts.bundle import open_bundle
 
     bundle = open_bundle(bundle.path)
     with home.registry() as registry:
@@ -72,7 +72,7 @@ def _make_bundle(work: Path, size: int):
 
 def client_main(address: str, creds_path: str, bundle_id: str, out: str) -> None:
     """Child process: fetch the bundle and report timing and memory on stdout."""
-    from offsite.credentials import load_credentials
+    from offsite.exchange.credentials import load_credentials
     from offsite.transport.client import connect
 
     with connect(address, load_credentials(creds_path)) as client:

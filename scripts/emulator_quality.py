@@ -15,14 +15,14 @@ import json
 import time
 from pathlib import Path
 
-from offsite.architectures import num_blocks
-from offsite.data import TokenData, load_data, pad_id_of
-from offsite.evaluation import perplexity
-from offsite.loading import load_model, load_tokenizer
-from offsite.packaging import EmulatorRecipe, make_emulator
-from offsite.selection import RULES
-from offsite.split import make_plan
-from offsite.training import TrainConfig
+from offsite.emulator.plan import make_plan
+from offsite.emulator.recipe import EmulatorRecipe, make_emulator
+from offsite.emulator.selection import RULES
+from offsite.evaluation.perplexity import perplexity
+from offsite.models.architectures import num_blocks
+from offsite.models.loading import load_model, load_tokenizer
+from offsite.training.data import TokenData, load_data, pad_id_of
+from offsite.training.loop import TrainConfig
 
 
 def main() -> None:

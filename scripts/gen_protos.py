@@ -1,6 +1,6 @@
 """Generate the committed gRPC stubs from protos/: `python -m scripts.gen_protos [--out DIR]`.
 
-The stubs land in offsite/v1/ (package offsite.v1). tests/test_protos.py fails when they are stale.
+The stubs land in offsite/transport/v1/ (package offsite.transport.v1). tests/test_protos.py fails when they are stale.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROTO = "offsite/v1/offsite.proto"
+PROTO = "offsite/transport/v1/offsite.proto"
 
 
 def generate(out: Path) -> None:
-    """Run grpc_tools.protoc on protos/offsite/v1/offsite.proto into `out`."""
+    """Run grpc_tools.protoc on protos/offsite/transport/v1/offsite.proto into `out`."""
     from grpc_tools import protoc
 
     out.mkdir(parents=True, exist_ok=True)

@@ -16,14 +16,14 @@ import itertools
 import json
 from pathlib import Path
 
-from offsite.architectures import num_blocks
-from offsite.loading import load_model, load_tokenizer
-from offsite.offsite_eval import derived, evaluate_offsite
-from offsite.packaging import EmulatorRecipe, make_emulator
-from offsite.selection import RULES
-from offsite.split import make_plan
-from offsite.task_eval import PerplexityTask
-from offsite.training import TrainConfig
+from offsite.emulator.plan import make_plan
+from offsite.emulator.recipe import EmulatorRecipe, make_emulator
+from offsite.emulator.selection import RULES
+from offsite.evaluation.five_settings import derived, evaluate_offsite
+from offsite.evaluation.tasks import PerplexityTask
+from offsite.models.architectures import num_blocks
+from offsite.models.loading import load_model, load_tokenizer
+from offsite.training.loop import TrainConfig
 
 
 def plot(rows: list[dict], path: Path) -> None:

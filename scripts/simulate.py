@@ -25,8 +25,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
-from offsite.packaging import PUBLIC_SAMPLE
-from offsite.selection import RULES
+from offsite.emulator.recipe import PUBLIC_SAMPLE
+from offsite.emulator.selection import RULES
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 PHASES = 8
@@ -87,8 +87,8 @@ def start_server(home: Path) -> tuple[subprocess.Popen, str]:
 
 def _training_file(task, work: Path) -> Path:
     """The data owner's private training data as a file its CLI reads (.txt or prompt/completion)."""
-    from offsite.task_eval import PerplexityTask
-    from offsite.tasks import completion_pairs
+    from offsite.evaluation.specs import completion_pairs
+    from offsite.evaluation.tasks import PerplexityTask
 
     path = (
         work / "data-owner" / ("train.txt" if isinstance(task, PerplexityTask) else "train.jsonl")
@@ -106,8 +106,8 @@ def _training_file(task, work: Path) -> Path:
 
 def _task(a: argparse.Namespace):
     from offsite.errors import OffsiteError
-    from offsite.task_eval import build_task, load_task_files
-    from offsite.tasks import FileRef, TaskSpec, data_root, load_task
+    from offsite.evaluation.specs import FileRef, TaskSpec, data_root, load_task
+    from offsite.evaluation.tasks import build_task, load_task_files
 
     if a.task:
         return build_task(load_task(a.task), data_root(a.data_root), block_size=a.block_size, eval_limit=a.eval_limit,
@@ -127,10 +127,10 @@ def referee(
 ) -> dict:
     """The five settings on the task, each model loaded from what the parties produced; `full_cfg`
     trains the full-model ceiling."""
-    from offsite.adapter import open_adapter, plug_into_emulator
-    from offsite.bundle import open_bundle
-    from offsite.loading import load_model, load_tokenizer
-    from offsite.offsite_eval import Scoreboard
+    from offsite.artefacts.adapter import open_adapter, plug_into_emulator
+    from offsite.artefacts.bundle import open_bundle
+    from offsite.evaluation.five_settings import Scoreboard
+    from offsite.models.loading import load_model, load_tokenizer
     from offsite_cli.progress import TrainingBar
 
     board = Scoreboard(
@@ -191,8 +191,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     from offsite.errors import OffsiteError
-    from offsite.offsite_eval import five_settings_table, write_results
-    from offsite.training import TrainConfig
+    from offsite.evaluation.five_settings import five_settings_table, write_results
+    from offsite.training.loop import TrainConfig
 
     try:
         task = _task(a)

@@ -11,14 +11,14 @@ from pathlib import Path
 
 from tiny import DEPTH, save_tiny
 
-from offsite.adapter import extract_adapter, save_adapter
-from offsite.bundle import Bundle, package_emulator
-from offsite.credentials import Credentials
-from offsite.exchange import OwnerService
-from offsite.loading import load_model, load_tokenizer
-from offsite.owner_home import OwnerHome, enroll, init_home, listing
-from offsite.signing import Signer, load_private
-from offsite.split import make_plan
+from offsite.artefacts.adapter import extract_adapter, save_adapter
+from offsite.artefacts.bundle import Bundle, package_emulator
+from offsite.artefacts.signing import Signer, load_private
+from offsite.emulator.plan import make_plan
+from offsite.exchange.credentials import Credentials
+from offsite.exchange.home import OwnerHome, enroll, init_home, listing
+from offsite.exchange.service import OwnerService
+from offsite.models.loading import load_model, load_tokenizer
 from offsite.transport.server import start_server
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file
 from tiny import DEPTH, FAMILIES, VOCAB, tiny_model
 
-from offsite.adapter import (
+from offsite.artefacts.adapter import (
     WEIGHTS_NAME,
     extract_adapter,
     open_adapter,
@@ -12,12 +12,12 @@ from offsite.adapter import (
     save_adapter,
     verify_adapter,
 )
-from offsite.architectures import block_prefix
-from offsite.bundle import package_emulator
-from offsite.finetune import FinetuneJob, finetune_bundle
-from offsite.fingerprint import model_fingerprint
-from offsite.split import make_plan
-from offsite.training import TrainConfig
+from offsite.artefacts.bundle import package_emulator
+from offsite.emulator.plan import make_plan
+from offsite.models.architectures import block_prefix
+from offsite.models.fingerprint import model_fingerprint
+from offsite.training.finetune import FinetuneJob, finetune_bundle
+from offsite.training.loop import TrainConfig
 
 INPUT = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
 

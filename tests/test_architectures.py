@@ -2,7 +2,8 @@ import pytest
 import torch
 from tiny import DEPTH, FAMILIES, tiny_config, tiny_model
 
-from offsite.architectures import (
+from offsite.errors import OffsiteError
+from offsite.models.architectures import (
     ARCHITECTURES,
     arch_spec,
     check_position_independent,
@@ -10,7 +11,6 @@ from offsite.architectures import (
     num_blocks,
     set_blocks,
 )
-from offsite.errors import OffsiteError
 
 REQUIRED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
             "phi3", "opt", "gpt2", "gpt_neox", "bloom", "falcon", "gptj"}  # fmt: skip

@@ -6,11 +6,11 @@ from safetensors import safe_open
 from tiny import DEPTH, FAMILIES, VOCAB, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from offsite.architectures import block_prefix, get_blocks
-from offsite.bundle import MANIFEST_NAME, open_bundle, package_emulator
-from offsite.emulator import build_emulator
+from offsite.artefacts.bundle import MANIFEST_NAME, open_bundle, package_emulator
+from offsite.emulator.build import build_emulator
+from offsite.emulator.plan import SplitPlan, make_plan
 from offsite.errors import VerificationError
-from offsite.split import SplitPlan, make_plan
+from offsite.models.architectures import block_prefix, get_blocks
 
 INPUT = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
 

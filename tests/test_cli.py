@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from tiny import save_tiny
 
 from data_owner.cli import main as data_owner
-from offsite.adapter import ADAPTER_MANIFEST, WEIGHTS_NAME
+from offsite.artefacts.adapter import ADAPTER_MANIFEST, WEIGHTS_NAME
 from offsite.atomic import sha256_file
 from owner.cli import main as owner
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from tiny import save_tiny, tiny_model
 
-from offsite.corpus import SampleConfig, document_start, sample_corpus, write_corpus
-from offsite.data import load_data
+from offsite.emulator.corpus import SampleConfig, document_start, sample_corpus, write_corpus
 from offsite.errors import OffsiteError
+from offsite.training.data import load_data
 from owner.cli import main as owner
 
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from offsite.data import IGNORE_INDEX, collate, load_data, split_validation
 from offsite.errors import OffsiteError
+from offsite.training.data import IGNORE_INDEX, collate, load_data, split_validation
 
 
 def test_text_is_packed_into_full_blocks(tokenizer, corpus_file):

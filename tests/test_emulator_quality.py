@@ -7,15 +7,15 @@ import torch
 from tiny import CORPUS, DEPTH, VOCAB, tiny_model
 from transformers import AutoModelForCausalLM
 
-from offsite.architectures import block_prefix, get_blocks
-from offsite.bundle import open_bundle, package_emulator
-from offsite.compress import prune_magnitude, quantize_weights
-from offsite.data import load_data
-from offsite.distill import student_and_loss
-from offsite.packaging import PUBLIC_SAMPLE, EmulatorRecipe, make_emulator
-from offsite.selection import BlockStats, block_stats, contiguous_clusters, select_plan
-from offsite.split import make_plan
-from offsite.training import TrainConfig, train
+from offsite.artefacts.bundle import open_bundle, package_emulator
+from offsite.emulator.compress import prune_magnitude, quantize_weights
+from offsite.emulator.distill import student_and_loss
+from offsite.emulator.plan import make_plan
+from offsite.emulator.recipe import PUBLIC_SAMPLE, EmulatorRecipe, make_emulator
+from offsite.emulator.selection import BlockStats, block_stats, contiguous_clusters, select_plan
+from offsite.models.architectures import block_prefix, get_blocks
+from offsite.training.data import load_data
+from offsite.training.loop import TrainConfig, train
 
 
 def _silence(model, blocks):
@@ -66,7 +66,7 @@ def test_distillation_lowers_the_student_teacher_loss(sample):
     )
     batch = {
         k: v
-        for k, v in __import__("offsite.data", fromlist=["collate"])
+        for k, v in __import__("offsite.training.data", fromlist=["collate"])
         .collate(sample.examples[:8], 0)
         .items()
     }
@@ -142,7 +142,7 @@ def test_bundles_from_every_strategy_pass_the_core_invariants(
 
 
 def test_distillation_leaves_the_full_model_usable(sample):
-    from offsite.distill import distill_emulator
+    from offsite.emulator.distill import distill_emulator
 
     full = tiny_model("llama")
     x = torch.randint(3, VOCAB, (1, 8))

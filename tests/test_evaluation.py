@@ -4,8 +4,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from offsite.data import IGNORE_INDEX, Example, TokenData
-from offsite.evaluation import perplexity
+from offsite.evaluation.perplexity import perplexity
+from offsite.training.data import IGNORE_INDEX, Example, TokenData
 
 V = 4
 

@@ -13,17 +13,17 @@ from exchange_env import make_env, signer_of, thread_server, untrained_adapter
 from safetensors.torch import load_file
 from test_cli import _rewrite_adapter
 
-from offsite.adapter import ADAPTER_MANIFEST, WEIGHTS_NAME, open_adapter
+from offsite.artefacts.adapter import ADAPTER_MANIFEST, WEIGHTS_NAME, open_adapter
+from offsite.artefacts.bundle import MANIFEST_NAME, open_bundle
 from offsite.atomic import sha256_file
-from offsite.bundle import MANIFEST_NAME, open_bundle
 from offsite.errors import VerificationError
-from offsite.exchange import PROTOCOL_VERSION
-from offsite.finetune import FinetuneJob, finetune_bundle
-from offsite.owner_home import enroll, init_home
-from offsite.training import TrainConfig
+from offsite.exchange.home import enroll, init_home
+from offsite.exchange.service import PROTOCOL_VERSION
+from offsite.training.finetune import FinetuneJob, finetune_bundle
+from offsite.training.loop import TrainConfig
 from offsite.transport.client import RetryPolicy, TransportError, connect
-from offsite.v1 import offsite_pb2 as pb
-from offsite.v1 import offsite_pb2_grpc as pb_grpc
+from offsite.transport.v1 import offsite_pb2 as pb
+from offsite.transport.v1 import offsite_pb2_grpc as pb_grpc
 from owner.cli import main as owner
 
 ONCE = RetryPolicy(attempts=1)

@@ -10,7 +10,7 @@ from test_cli import _expect_error
 from tiny import CORPUS, save_tiny
 
 from data_owner.cli import main as data_owner
-from offsite.owner_home import open_home
+from offsite.exchange.home import open_home
 from owner.cli import main as owner
 
 

@@ -6,7 +6,7 @@ import pytest
 from tiny import save_tiny
 
 from offsite.errors import OffsiteError
-from offsite.loading import load_model, resolve_model
+from offsite.models.loading import load_model, resolve_model
 
 
 def test_concurrent_loads_leave_later_models_whole(tmp_path):

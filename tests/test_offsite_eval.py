@@ -3,11 +3,11 @@ import math
 import torch
 from tiny import DEPTH, tiny_model
 
-from offsite.emulator import build_emulator
-from offsite.offsite_eval import derived, evaluate_offsite
-from offsite.split import make_plan
-from offsite.task_eval import PerplexityTask
-from offsite.training import TrainConfig
+from offsite.emulator.build import build_emulator
+from offsite.emulator.plan import make_plan
+from offsite.evaluation.five_settings import derived, evaluate_offsite
+from offsite.evaluation.tasks import PerplexityTask
+from offsite.training.loop import TrainConfig
 
 
 def test_derived_figures_by_hand():

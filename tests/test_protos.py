@@ -13,6 +13,8 @@ def test_generated_stubs_are_not_stale(tmp_path):
     pytest.importorskip("grpc_tools", reason="pip install grpcio-tools (the dev extra)")
     generate(tmp_path)
     for name in ("offsite_pb2.py", "offsite_pb2.pyi", "offsite_pb2_grpc.py"):
-        fresh = (tmp_path / "offsite" / "v1" / name).read_text()
-        committed = (ROOT / "offsite" / "v1" / name).read_text()
-        assert fresh == committed, f"offsite/v1/{name} is stale: run `python -m scripts.gen_protos`"
+        fresh = (tmp_path / "offsite" / "transport" / "v1" / name).read_text()
+        committed = (ROOT / "offsite" / "transport" / "v1" / name).read_text()
+        assert fresh == committed, (
+            f"offsite/transport/v1/{name} is stale: run `python -m scripts.gen_protos`"
+        )

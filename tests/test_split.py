@@ -1,7 +1,7 @@
 import pytest
 
+from offsite.emulator.plan import SplitPlan, make_plan, uniform_indices
 from offsite.errors import OffsiteError
-from offsite.split import SplitPlan, make_plan, uniform_indices
 
 
 def test_uniform_indices_follow_the_paper_rule():

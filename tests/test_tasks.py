@@ -10,14 +10,26 @@ import torch
 from conftest import SHARED_DATA
 from tiny import DEPTH, tiny_model
 
-from offsite.choice_eval import score_choices
-from offsite.emulator import build_emulator
+from offsite.emulator.build import build_emulator
+from offsite.emulator.plan import make_plan
 from offsite.errors import OffsiteError
-from offsite.offsite_eval import derived, evaluate_offsite, five_settings_table, write_results
-from offsite.split import make_plan
-from offsite.task_eval import ChoiceTask, build_task
-from offsite.tasks import ChoiceItem, builtin_tasks, choice_items, load_task, parse_spec, records
-from offsite.training import TrainConfig
+from offsite.evaluation.choice import score_choices
+from offsite.evaluation.five_settings import (
+    derived,
+    evaluate_offsite,
+    five_settings_table,
+    write_results,
+)
+from offsite.evaluation.specs import (
+    ChoiceItem,
+    builtin_tasks,
+    choice_items,
+    load_task,
+    parse_spec,
+    records,
+)
+from offsite.evaluation.tasks import ChoiceTask, build_task
+from offsite.training.loop import TrainConfig
 
 
 def _spec(tmp_path, text: str, name: str = "t.yaml"):
@@ -184,7 +196,7 @@ def test_build_task_limits_are_seeded_samples(tmp_path):
 
 
 def test_named_lm_eval_tasks_fail_clearly_without_their_data():
-    from offsite.choice_eval import named_training_items
+    from offsite.evaluation.choice import named_training_items
 
     with pytest.raises(OffsiteError, match="not a registered task"):
         named_training_items("no_such_task_xyz")

@@ -3,12 +3,12 @@ import torch
 from safetensors.torch import load_file
 from tiny import DEPTH, tiny_model
 
-from offsite.adapter import WEIGHTS_NAME
-from offsite.bundle import package_emulator
+from offsite.artefacts.adapter import WEIGHTS_NAME
+from offsite.artefacts.bundle import package_emulator
+from offsite.emulator.plan import make_plan
 from offsite.errors import OffsiteError
-from offsite.finetune import FinetuneJob, finetune_bundle
-from offsite.split import make_plan
-from offsite.training import TrainConfig, epoch_batches
+from offsite.training.finetune import FinetuneJob, finetune_bundle
+from offsite.training.loop import TrainConfig, epoch_batches
 
 CFG = TrainConfig(
     max_steps=6, learning_rate=5e-3, batch_size=2, grad_accum=2, save_every=2, warmup_steps=1

@@ -27,18 +27,18 @@ from pathlib import Path
 
 import grpc
 
-from offsite.adapter import ADAPTER_MANIFEST, open_adapter
+from offsite.artefacts.adapter import ADAPTER_MANIFEST, open_adapter
+from offsite.artefacts.bundle import open_bundle
+from offsite.artefacts.manifest import is_safe_name
+from offsite.artefacts.signing import load_public
 from offsite.atomic import sha256_file
-from offsite.bundle import open_bundle
-from offsite.credentials import Credentials
 from offsite.errors import OffsiteError, VerificationError
-from offsite.exchange import ADAPTER_FILES, CHUNK_BYTES, MAX_CHUNK_BYTES, PROTOCOL_VERSION
-from offsite.manifest import is_safe_name
-from offsite.signing import load_public
+from offsite.exchange.credentials import Credentials
+from offsite.exchange.service import ADAPTER_FILES, CHUNK_BYTES, MAX_CHUNK_BYTES, PROTOCOL_VERSION
 from offsite.transport import CHANNEL_OPTIONS, INSECURE_IDENTITY_HEADER
 from offsite.transport.convert import bundle_from_proto, commit_from_proto, upload_status_from_proto
-from offsite.v1 import offsite_pb2 as pb
-from offsite.v1 import offsite_pb2_grpc as pb_grpc
+from offsite.transport.v1 import offsite_pb2 as pb
+from offsite.transport.v1 import offsite_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

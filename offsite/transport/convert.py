@@ -1,8 +1,8 @@
-"""Conversion between plain dicts and offsite.v1 protobuf messages, in symmetric pairs."""
+"""Conversion between plain dicts and offsite.transport.v1 protobuf messages, in symmetric pairs."""
 
 from __future__ import annotations
 
-from offsite.v1 import offsite_pb2 as pb
+from offsite.transport.v1 import offsite_pb2 as pb
 
 
 def file_info_to_proto(f: dict) -> pb.FileInfo:

@@ -12,7 +12,8 @@ from concurrent import futures
 import grpc
 
 from offsite.errors import OffsiteError
-from offsite.exchange import (
+from offsite.exchange.pki import common_name
+from offsite.exchange.service import (
     PROTOCOL_VERSION,
     AccessDenied,
     BadRequest,
@@ -20,11 +21,10 @@ from offsite.exchange import (
     OwnerService,
     Unauthenticated,
 )
-from offsite.pki import common_name
 from offsite.transport import CHANNEL_OPTIONS, INSECURE_IDENTITY_HEADER
 from offsite.transport.convert import bundle_to_proto, commit_to_proto, upload_status_to_proto
-from offsite.v1 import offsite_pb2 as pb
-from offsite.v1 import offsite_pb2_grpc as pb_grpc
+from offsite.transport.v1 import offsite_pb2 as pb
+from offsite.transport.v1 import offsite_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from offsite.architectures import arch_spec, check_position_independent
 from offsite.atomic import atomic_directory, sha256_file
 from offsite.errors import OffsiteError
+from offsite.models.architectures import arch_spec, check_position_independent
 
 log = logging.getLogger(__name__)
 

@@ -9,19 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from offsite.atomic import sha256_file, write_bytes_atomic
-from offsite.bundle import MANIFEST_NAME, SIGNATURE_NAME, Bundle
-from offsite.credentials import Credentials
-from offsite.errors import OffsiteError
-from offsite.pki import KeyPair, cert_fingerprint, issue_client, issue_server, make_ca
-from offsite.registry import Registry
-from offsite.signing import (
+from offsite.artefacts.bundle import MANIFEST_NAME, SIGNATURE_NAME, Bundle
+from offsite.artefacts.signing import (
     load_private,
     new_signing_key,
     private_pem,
     public_pem,
     write_private_key,
 )
+from offsite.atomic import sha256_file, write_bytes_atomic
+from offsite.errors import OffsiteError
+from offsite.exchange.credentials import Credentials
+from offsite.exchange.pki import KeyPair, cert_fingerprint, issue_client, issue_server, make_ca
+from offsite.exchange.registry import Registry
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from offsite.adapter import (
+from offsite.artefacts.adapter import (
     ADAPTER_MANIFEST,
     ADAPTER_SIGNATURE,
     WEIGHTS_NAME,
@@ -26,13 +26,13 @@ from offsite.adapter import (
     spec_from_bundle,
     verify_adapter_for_bundle,
 )
+from offsite.artefacts.bundle import open_bundle
+from offsite.artefacts.manifest import is_safe_name
+from offsite.artefacts.signing import load_public
 from offsite.atomic import atomic_directory, sha256_file
-from offsite.bundle import open_bundle
 from offsite.errors import OffsiteError
-from offsite.manifest import is_safe_name
-from offsite.owner_home import OwnerHome
-from offsite.pki import cert_fingerprint
-from offsite.signing import load_public
+from offsite.exchange.home import OwnerHome
+from offsite.exchange.pki import cert_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,13 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from offsite import __version__
-from offsite.architectures import block_prefix, get_blocks
+from offsite.artefacts.bundle import Bundle
+from offsite.artefacts.manifest import check_files, field, hash_files, read_manifest
+from offsite.artefacts.signing import Signer, verify_file
+from offsite.artefacts.tensorcheck import TensorSpec, check_spec, header_spec, load_checked, spec_of
 from offsite.atomic import atomic_directory, write_json_atomic
-from offsite.bundle import Bundle
 from offsite.errors import OffsiteError, VerificationError
-from offsite.manifest import check_files, field, hash_files, read_manifest
-from offsite.signing import Signer, verify_file
-from offsite.tensorcheck import TensorSpec, check_spec, header_spec, load_checked, spec_of
+from offsite.models.architectures import block_prefix, get_blocks
 
 ADAPTER_FORMAT = "offsite-tuning/adapter"
 ADAPTER_FORMAT_VERSION = 1

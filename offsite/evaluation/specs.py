@@ -27,8 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from offsite.data import read_text
 from offsite.errors import OffsiteError
+from offsite.training.data import read_text
 
 SPEC_VERSION = 1
 BUILTIN_DIR = Path(__file__).parent / "task_specs"

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from offsite.errors import OffsiteError
-from offsite.evaluation import eval_mode
-from offsite.tasks import ChoiceItem
+from offsite.evaluation.perplexity import eval_mode
+from offsite.evaluation.specs import ChoiceItem
 
 
 @contextmanager
@@ -51,7 +51,7 @@ def _lm(model: nn.Module, tokenizer, batch_size: int):
     from lm_eval.models.huggingface import HFLM
 
     device = str(next(model.parameters()).device)
-    # no BOS: the training data (offsite.data) is tokenised without special tokens too
+    # no BOS: the training data (offsite.training.data) is tokenised without special tokens too
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
                 add_bos_token=False)  # fmt: skip
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from offsite.architectures import get_blocks
 from offsite.errors import OffsiteError
+from offsite.models.architectures import get_blocks
 
 
 def _linears(model: nn.Module, positions: list[int]):

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from offsite.architectures import get_blocks
-from offsite.split import SplitPlan
+from offsite.emulator.plan import SplitPlan
+from offsite.models.architectures import get_blocks
 
 
 def _linear_macs(module) -> int:

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from offsite.v1 import offsite_pb2 as offsite_dot_v1_dot_offsite__pb2
+from offsite.transport.v1 import offsite_pb2 as offsite_dot_transport_dot_v1_dot_offsite__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in offsite/v1/offsite_pb2_grpc.py depends on'
+        + ' but the generated code in offsite/transport/v1/offsite_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,38 +36,38 @@ class OffsiteStub:
         """
         self.Health = channel.unary_unary(
                 '/offsite.v1.Offsite/Health',
-                request_serializer=offsite_dot_v1_dot_offsite__pb2.HealthRequest.SerializeToString,
-                response_deserializer=offsite_dot_v1_dot_offsite__pb2.HealthResponse.FromString,
+                request_serializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.HealthRequest.SerializeToString,
+                response_deserializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.HealthResponse.FromString,
                 _registered_method=True)
         self.ListBundles = channel.unary_unary(
                 '/offsite.v1.Offsite/ListBundles',
-                request_serializer=offsite_dot_v1_dot_offsite__pb2.ListBundlesRequest.SerializeToString,
-                response_deserializer=offsite_dot_v1_dot_offsite__pb2.ListBundlesResponse.FromString,
+                request_serializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.ListBundlesRequest.SerializeToString,
+                response_deserializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.ListBundlesResponse.FromString,
                 _registered_method=True)
         self.Download = channel.unary_stream(
                 '/offsite.v1.Offsite/Download',
-                request_serializer=offsite_dot_v1_dot_offsite__pb2.DownloadRequest.SerializeToString,
-                response_deserializer=offsite_dot_v1_dot_offsite__pb2.Chunk.FromString,
+                request_serializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.DownloadRequest.SerializeToString,
+                response_deserializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.Chunk.FromString,
                 _registered_method=True)
         self.BeginUpload = channel.unary_unary(
                 '/offsite.v1.Offsite/BeginUpload',
-                request_serializer=offsite_dot_v1_dot_offsite__pb2.BeginUploadRequest.SerializeToString,
-                response_deserializer=offsite_dot_v1_dot_offsite__pb2.UploadStatus.FromString,
+                request_serializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.BeginUploadRequest.SerializeToString,
+                response_deserializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.UploadStatus.FromString,
                 _registered_method=True)
         self.Write = channel.stream_unary(
                 '/offsite.v1.Offsite/Write',
-                request_serializer=offsite_dot_v1_dot_offsite__pb2.WriteRequest.SerializeToString,
-                response_deserializer=offsite_dot_v1_dot_offsite__pb2.UploadStatus.FromString,
+                request_serializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.WriteRequest.SerializeToString,
+                response_deserializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.UploadStatus.FromString,
                 _registered_method=True)
         self.QueryUpload = channel.unary_unary(
                 '/offsite.v1.Offsite/QueryUpload',
-                request_serializer=offsite_dot_v1_dot_offsite__pb2.QueryUploadRequest.SerializeToString,
-                response_deserializer=offsite_dot_v1_dot_offsite__pb2.UploadStatus.FromString,
+                request_serializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.QueryUploadRequest.SerializeToString,
+                response_deserializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.UploadStatus.FromString,
                 _registered_method=True)
         self.CommitUpload = channel.unary_unary(
                 '/offsite.v1.Offsite/CommitUpload',
-                request_serializer=offsite_dot_v1_dot_offsite__pb2.CommitUploadRequest.SerializeToString,
-                response_deserializer=offsite_dot_v1_dot_offsite__pb2.CommitUploadResponse.FromString,
+                request_serializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.CommitUploadRequest.SerializeToString,
+                response_deserializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.CommitUploadResponse.FromString,
                 _registered_method=True)
 
 
@@ -129,38 +129,38 @@ def add_OffsiteServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=offsite_dot_v1_dot_offsite__pb2.HealthRequest.FromString,
-                    response_serializer=offsite_dot_v1_dot_offsite__pb2.HealthResponse.SerializeToString,
+                    request_deserializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.HealthRequest.FromString,
+                    response_serializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.HealthResponse.SerializeToString,
             ),
             'ListBundles': grpc.unary_unary_rpc_method_handler(
                     servicer.ListBundles,
-                    request_deserializer=offsite_dot_v1_dot_offsite__pb2.ListBundlesRequest.FromString,
-                    response_serializer=offsite_dot_v1_dot_offsite__pb2.ListBundlesResponse.SerializeToString,
+                    request_deserializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.ListBundlesRequest.FromString,
+                    response_serializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.ListBundlesResponse.SerializeToString,
             ),
             'Download': grpc.unary_stream_rpc_method_handler(
                     servicer.Download,
-                    request_deserializer=offsite_dot_v1_dot_offsite__pb2.DownloadRequest.FromString,
-                    response_serializer=offsite_dot_v1_dot_offsite__pb2.Chunk.SerializeToString,
+                    request_deserializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.DownloadRequest.FromString,
+                    response_serializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.Chunk.SerializeToString,
             ),
             'BeginUpload': grpc.unary_unary_rpc_method_handler(
                     servicer.BeginUpload,
-                    request_deserializer=offsite_dot_v1_dot_offsite__pb2.BeginUploadRequest.FromString,
-                    response_serializer=offsite_dot_v1_dot_offsite__pb2.UploadStatus.SerializeToString,
+                    request_deserializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.BeginUploadRequest.FromString,
+                    response_serializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.UploadStatus.SerializeToString,
             ),
             'Write': grpc.stream_unary_rpc_method_handler(
                     servicer.Write,
-                    request_deserializer=offsite_dot_v1_dot_offsite__pb2.WriteRequest.FromString,
-                    response_serializer=offsite_dot_v1_dot_offsite__pb2.UploadStatus.SerializeToString,
+                    request_deserializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.WriteRequest.FromString,
+                    response_serializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.UploadStatus.SerializeToString,
             ),
             'QueryUpload': grpc.unary_unary_rpc_method_handler(
                     servicer.QueryUpload,
-                    request_deserializer=offsite_dot_v1_dot_offsite__pb2.QueryUploadRequest.FromString,
-                    response_serializer=offsite_dot_v1_dot_offsite__pb2.UploadStatus.SerializeToString,
+                    request_deserializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.QueryUploadRequest.FromString,
+                    response_serializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.UploadStatus.SerializeToString,
             ),
             'CommitUpload': grpc.unary_unary_rpc_method_handler(
                     servicer.CommitUpload,
-                    request_deserializer=offsite_dot_v1_dot_offsite__pb2.CommitUploadRequest.FromString,
-                    response_serializer=offsite_dot_v1_dot_offsite__pb2.CommitUploadResponse.SerializeToString,
+                    request_deserializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.CommitUploadRequest.FromString,
+                    response_serializer=offsite_dot_transport_dot_v1_dot_offsite__pb2.CommitUploadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -188,8 +188,8 @@ class Offsite:
             request,
             target,
             '/offsite.v1.Offsite/Health',
-            offsite_dot_v1_dot_offsite__pb2.HealthRequest.SerializeToString,
-            offsite_dot_v1_dot_offsite__pb2.HealthResponse.FromString,
+            offsite_dot_transport_dot_v1_dot_offsite__pb2.HealthRequest.SerializeToString,
+            offsite_dot_transport_dot_v1_dot_offsite__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -215,8 +215,8 @@ class Offsite:
             request,
             target,
             '/offsite.v1.Offsite/ListBundles',
-            offsite_dot_v1_dot_offsite__pb2.ListBundlesRequest.SerializeToString,
-            offsite_dot_v1_dot_offsite__pb2.ListBundlesResponse.FromString,
+            offsite_dot_transport_dot_v1_dot_offsite__pb2.ListBundlesRequest.SerializeToString,
+            offsite_dot_transport_dot_v1_dot_offsite__pb2.ListBundlesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -242,8 +242,8 @@ class Offsite:
             request,
             target,
             '/offsite.v1.Offsite/Download',
-            offsite_dot_v1_dot_offsite__pb2.DownloadRequest.SerializeToString,
-            offsite_dot_v1_dot_offsite__pb2.Chunk.FromString,
+            offsite_dot_transport_dot_v1_dot_offsite__pb2.DownloadRequest.SerializeToString,
+            offsite_dot_transport_dot_v1_dot_offsite__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -269,8 +269,8 @@ class Offsite:
             request,
             target,
             '/offsite.v1.Offsite/BeginUpload',
-            offsite_dot_v1_dot_offsite__pb2.BeginUploadRequest.SerializeToString,
-            offsite_dot_v1_dot_offsite__pb2.UploadStatus.FromString,
+            offsite_dot_transport_dot_v1_dot_offsite__pb2.BeginUploadRequest.SerializeToString,
+            offsite_dot_transport_dot_v1_dot_offsite__pb2.UploadStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -296,8 +296,8 @@ class Offsite:
             request_iterator,
             target,
             '/offsite.v1.Offsite/Write',
-            offsite_dot_v1_dot_offsite__pb2.WriteRequest.SerializeToString,
-            offsite_dot_v1_dot_offsite__pb2.UploadStatus.FromString,
+            offsite_dot_transport_dot_v1_dot_offsite__pb2.WriteRequest.SerializeToString,
+            offsite_dot_transport_dot_v1_dot_offsite__pb2.UploadStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -323,8 +323,8 @@ class Offsite:
             request,
             target,
             '/offsite.v1.Offsite/QueryUpload',
-            offsite_dot_v1_dot_offsite__pb2.QueryUploadRequest.SerializeToString,
-            offsite_dot_v1_dot_offsite__pb2.UploadStatus.FromString,
+            offsite_dot_transport_dot_v1_dot_offsite__pb2.QueryUploadRequest.SerializeToString,
+            offsite_dot_transport_dot_v1_dot_offsite__pb2.UploadStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -350,8 +350,8 @@ class Offsite:
             request,
             target,
             '/offsite.v1.Offsite/CommitUpload',
-            offsite_dot_v1_dot_offsite__pb2.CommitUploadRequest.SerializeToString,
-            offsite_dot_v1_dot_offsite__pb2.CommitUploadResponse.FromString,
+            offsite_dot_transport_dot_v1_dot_offsite__pb2.CommitUploadRequest.SerializeToString,
+            offsite_dot_transport_dot_v1_dot_offsite__pb2.CommitUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,15 +11,15 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from offsite import __version__
-from offsite.architectures import block_prefix, get_blocks
+from offsite.artefacts.manifest import check_files, field, hash_files, read_manifest
+from offsite.artefacts.signing import Signer, verify_file
 from offsite.atomic import atomic_directory, write_json_atomic
-from offsite.emulator import build_emulator
+from offsite.emulator.build import build_emulator
+from offsite.emulator.plan import SplitPlan
 from offsite.errors import OffsiteError, VerificationError
-from offsite.fingerprint import model_fingerprint
-from offsite.loading import from_pretrained
-from offsite.manifest import check_files, field, hash_files, read_manifest
-from offsite.signing import Signer, verify_file
-from offsite.split import SplitPlan
+from offsite.models.architectures import block_prefix, get_blocks
+from offsite.models.fingerprint import model_fingerprint
+from offsite.models.loading import from_pretrained
 
 BUNDLE_FORMAT = "offsite-tuning/emulator-bundle"
 BUNDLE_FORMAT_VERSION = 1

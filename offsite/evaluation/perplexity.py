@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from offsite.data import IGNORE_INDEX, TokenData, collate, load_data, pad_id_of
+from offsite.training.data import IGNORE_INDEX, TokenData, collate, load_data, pad_id_of
 
 
 @contextlib.contextmanager

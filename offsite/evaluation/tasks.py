@@ -1,6 +1,6 @@
 """A task ready to run: its training data and how a model is scored on it.
 
-`build_task` turns a task spec (offsite.tasks) into one of three runnable tasks with the same
+`build_task` turns a task spec (offsite.evaluation.specs) into one of three runnable tasks with the same
 small interface -- `train_data(tokenizer)` and `score(model, tokenizer)` -- which is all the
 five-setting evaluation needs.
 """
@@ -14,11 +14,11 @@ from typing import Protocol
 
 from torch import nn
 
-from offsite.choice_eval import named_training_items, score_choices, score_named
-from offsite.data import TokenData, pad_id_of, pairs_data, read_text, text_data
 from offsite.errors import OffsiteError
-from offsite.evaluation import perplexity
-from offsite.tasks import ChoiceItem, TaskSpec, choice_items, completion_pairs, records
+from offsite.evaluation.choice import named_training_items, score_choices, score_named
+from offsite.evaluation.perplexity import perplexity
+from offsite.evaluation.specs import ChoiceItem, TaskSpec, choice_items, completion_pairs, records
+from offsite.training.data import TokenData, pad_id_of, pairs_data, read_text, text_data
 
 
 class Task(Protocol):

@@ -18,14 +18,14 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedModel
 
-from offsite.adapter import extract_adapter, plug_adapter
+from offsite.artefacts.adapter import extract_adapter, plug_adapter
+from offsite.artefacts.bundle import package_emulator
 from offsite.atomic import write_bytes_atomic, write_json_atomic
-from offsite.bundle import package_emulator
-from offsite.data import TokenData, pad_id_of
-from offsite.finetune import freeze_except_adapter
-from offsite.split import SplitPlan
-from offsite.task_eval import Task
-from offsite.training import StepInfo, TrainConfig, train
+from offsite.emulator.plan import SplitPlan
+from offsite.evaluation.tasks import Task
+from offsite.training.data import TokenData, pad_id_of
+from offsite.training.finetune import freeze_except_adapter
+from offsite.training.loop import StepInfo, TrainConfig, train
 
 SETTINGS = (
     "full_zero_shot",
@@ -165,7 +165,7 @@ def summary_table(results: list[dict]) -> str:
 
 def write_results(results: list[dict], out: Path) -> None:
     """OUT/summary.{md,json} and, per task, OUT/TASK/result.{json,md,png}."""
-    from offsite.plots import five_settings_png
+    from offsite.evaluation.plots import five_settings_png
 
     for r in results:
         d = out / _safe_dirname(r["task"])

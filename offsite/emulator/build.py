@@ -6,9 +6,9 @@ import copy
 
 from transformers import PreTrainedModel
 
-from offsite.architectures import get_blocks, num_blocks, set_blocks
+from offsite.emulator.plan import SplitPlan
 from offsite.errors import OffsiteError
-from offsite.split import SplitPlan
+from offsite.models.architectures import get_blocks, num_blocks, set_blocks
 
 
 def check_plan_fits(model: PreTrainedModel, plan: SplitPlan) -> None:

@@ -17,12 +17,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from offsite.architectures import get_blocks
-from offsite.data import TokenData
-from offsite.emulator import build_emulator
+from offsite.emulator.build import build_emulator
+from offsite.emulator.plan import SplitPlan
 from offsite.errors import OffsiteError
-from offsite.split import SplitPlan
-from offsite.training import StepInfo, TrainConfig, make_accelerator, train
+from offsite.models.architectures import get_blocks
+from offsite.training.data import TokenData
+from offsite.training.loop import StepInfo, TrainConfig, make_accelerator, train
 
 DEFAULT_WEIGHT = 30.0
 

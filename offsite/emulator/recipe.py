@@ -8,14 +8,14 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from offsite.compress import prune_magnitude, quantize_weights
-from offsite.data import load_data, pad_id_of, split_validation
-from offsite.distill import DEFAULT_WEIGHT, distill_emulator
-from offsite.emulator import build_emulator
+from offsite.emulator.build import build_emulator
+from offsite.emulator.compress import prune_magnitude, quantize_weights
+from offsite.emulator.distill import DEFAULT_WEIGHT, distill_emulator
+from offsite.emulator.plan import SplitPlan
+from offsite.emulator.selection import STRATEGIES, block_stats, select_plan
 from offsite.errors import OffsiteError
-from offsite.selection import STRATEGIES, block_stats, select_plan
-from offsite.split import SplitPlan
-from offsite.training import StepInfo, TrainConfig
+from offsite.training.data import load_data, pad_id_of, split_validation
+from offsite.training.loop import StepInfo, TrainConfig
 
 # The owner's default public sample text for block selection: ~110 KB of WikiText-2 (CC BY-SA 3.0).
 PUBLIC_SAMPLE = Path(__file__).parent / "resources" / "public-sample.txt"

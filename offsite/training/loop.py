@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
 from offsite.atomic import write_json_atomic
-from offsite.checkpoint import load_checkpoint, read_checkpoint_state, save_checkpoint
-from offsite.data import TokenData, collate
 from offsite.errors import OffsiteError
-from offsite.evaluation import batch_nll
+from offsite.evaluation.perplexity import batch_nll
+from offsite.training.checkpoint import load_checkpoint, read_checkpoint_state, save_checkpoint
+from offsite.training.data import TokenData, collate
 
 log = logging.getLogger(__name__)
 

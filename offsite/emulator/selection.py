@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from offsite.architectures import get_blocks
-from offsite.data import TokenData, collate
+from offsite.emulator.plan import SplitPlan
 from offsite.errors import OffsiteError
-from offsite.evaluation import eval_mode
-from offsite.split import SplitPlan
+from offsite.evaluation.perplexity import eval_mode
+from offsite.models.architectures import get_blocks
+from offsite.training.data import TokenData, collate
 
 RULES = ("uniform", "redundancy", "similarity")  # chosen by name; "explicit" takes indices
 STRATEGIES = (*RULES, "explicit")

@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
-from offsite.adapter import Adapter, block_parameters, extract_adapter, save_adapter
+from offsite.artefacts.adapter import Adapter, block_parameters, extract_adapter, save_adapter
+from offsite.artefacts.bundle import Bundle, check_bundle_model
+from offsite.artefacts.signing import Signer
 from offsite.atomic import check_output_dir
-from offsite.bundle import Bundle, check_bundle_model
-from offsite.data import load_data, pad_id_of, split_validation
-from offsite.signing import Signer
-from offsite.training import StepInfo, TrainConfig, make_accelerator, train
+from offsite.training.data import load_data, pad_id_of, split_validation
+from offsite.training.loop import StepInfo, TrainConfig, make_accelerator, train
 
 log = logging.getLogger(__name__)
 

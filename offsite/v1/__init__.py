@@ -1,1 +1,0 @@
-"""Generated gRPC stubs for package offsite.v1 (made by `python -m scripts.gen_protos`; do not edit)."""
