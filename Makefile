@@ -24,9 +24,10 @@ test-fast: setup  ## everything but the slow real-model tests
 demo: setup
 	$(PY) -m scripts.simulate
 
-lint: setup
+lint: setup  ## style, formatting, and the layering contracts in pyproject.toml
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

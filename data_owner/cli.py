@@ -9,13 +9,12 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from offsite.artefacts.adapter import open_adapter, plug_into_emulator
 from offsite.artefacts.bundle import Bundle, check_bundle_model, open_bundle
-from offsite.artefacts.signing import Signer, load_private, load_public
+from offsite.artefacts.signing import Signer, load_private
 from offsite.errors import OffsiteError
-from offsite.exchange.credentials import load_credentials
+from offsite.exchange.credentials import Credentials, load_credentials
 from offsite.training.finetune import FinetuneJob, finetune_bundle
 from offsite_cli.args import add_eval, add_training, train_config
 from offsite_cli.progress import TrainingBar, perplexity_with_bar
@@ -39,37 +38,23 @@ def _bytes_bar(desc: str) -> tqdm:
     return tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
 
 
-def _pick_bundle(owner, bundle_id: str | None) -> dict:
-    bundles = owner.list_bundles()
-    if bundle_id:
-        match = [b for b in bundles if b["bundle_id"] in (bundle_id, f"sha256:{bundle_id}")]
-        if not match:
-            raise OffsiteError(
-                f"--bundle-id {bundle_id}: not among the {len(bundles)} bundles issued to you"
-            )
-        return match[0]
-    if not bundles:
-        raise OffsiteError("the model owner has issued no bundle to you yet")
-    return bundles[-1]  # the newest
-
-
 def _fetch(owner, bundle_id: str | None, out: Path) -> Bundle:
-    info = _pick_bundle(owner, bundle_id)
+    from offsite.transport.client import fetch, pick_bundle
+
+    total = sum(f["size"] for f in pick_bundle(owner.list_bundles(), bundle_id)["files"])
     bar = _bytes_bar("downloading")
-    bar.total = sum(f["size"] for f in info["files"])
+    bar.total = total
     try:
-        owner.fetch_bundle(info["bundle_id"], out, on_bytes=bar.update)
+        return fetch(owner, bundle_id, out, on_bytes=bar.update)
     finally:
         bar.close()
-    return open_bundle(out)
 
 
-def _verified_bundle(args: argparse.Namespace) -> Bundle:
-    """Open --bundle, checking hashes and (with --credentials) the owner's signature first."""
-    bundle = open_bundle(args.bundle)
-    if args.credentials:
-        creds = load_credentials(args.credentials)
-        bundle.verify_signature(load_public(creds.owner_public_key.encode(), args.credentials))
+def _verified_bundle(path: Path, credentials: Credentials | None) -> Bundle:
+    """Open a bundle directory: hashes always; with credentials also the owner's signature and issued_to."""
+    bundle = open_bundle(path)
+    if credentials is not None:
+        credentials.check_bundle(bundle)
     return bundle
 
 
@@ -80,10 +65,12 @@ def cmd_fetch(args: argparse.Namespace) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
+    from offsite.transport.client import submit
+
     with _owner(args) as owner:
         bar = _bytes_bar("uploading")
         try:
-            result = owner.submit_adapter(Path(args.adapter), on_bytes=bar.update)
+            result = submit(owner, Path(args.adapter), on_bytes=bar.update)
         finally:
             bar.close()
     print_json(result)
@@ -111,14 +98,13 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         bundle_dir = (
             Path(args.bundle_dir) if args.bundle_dir else out.with_name(out.name + ".bundle")
         )
-        with _owner(args) as owner:
-            bundle = (
-                open_bundle(bundle_dir)
-                if bundle_dir.exists()
-                else _fetch(owner, args.bundle_id, bundle_dir)
-            )
+        if bundle_dir.exists():  # a previous download: checked like a fresh one
+            bundle = _verified_bundle(bundle_dir, creds)
+        else:
+            with _owner(args) as owner:
+                bundle = _fetch(owner, args.bundle_id, bundle_dir)
     else:
-        bundle = _verified_bundle(args)
+        bundle = _verified_bundle(Path(args.bundle), creds)
     bar = TrainingBar()
     try:
         adapter = finetune_bundle(bundle, job, cfg, on_step=bar, signer=signer)
@@ -130,18 +116,21 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     result = {"adapter": str(adapter.path), "bundle_id": bundle.bundle_id, "steps": t["steps"],
               "final_loss": t["final_loss"], "val_perplexity": t["val_perplexity"]}  # fmt: skip
     if args.server:
+        from offsite.transport.client import submit
+
         with _owner(args) as owner:
-            result["submitted"] = owner.submit_adapter(adapter.path)
+            result["submitted"] = submit(owner, adapter.path)
     print_json(result)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    bundle = _verified_bundle(args)
+    creds = load_credentials(args.credentials) if args.credentials else None
+    bundle = _verified_bundle(Path(args.bundle), creds)
     model = bundle.load_model(dtype=torch.float32)
     check_bundle_model(bundle, model)
     if args.adapter:
         plug_into_emulator(model, bundle, open_adapter(args.adapter))
-    result = perplexity_with_bar(model, AutoTokenizer.from_pretrained(bundle.path), args)
+    result = perplexity_with_bar(model, bundle.load_tokenizer(), args)
     print_json({"bundle": str(bundle.path), "adapter": args.adapter, **result})
 
 

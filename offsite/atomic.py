@@ -41,11 +41,16 @@ def _umask() -> int:
     return mask
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to `path` so that readers see either the old file or the whole new one."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, private: bool = False) -> None:
+    """Write bytes to `path` so that readers see either the old file or the whole new one.
+
+    `private`: the file is readable by its owner only from the first byte on (mkstemp's 0600 is
+    kept), for private keys and credentials.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
+    if not private:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -59,9 +64,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write `obj` as indented, key-sorted JSON atomically."""
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, private: bool = False) -> None:
+    """Write `obj` as indented, key-sorted JSON atomically (owner-only with `private`)."""
+    write_bytes_atomic(
+        path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), private=private
+    )
 
 
 def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -99,3 +106,40 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_apart(
+    outputs: dict[str, str | os.PathLike | None],
+    input_dirs: dict[str, str | os.PathLike | None] | None = None,
+    input_files: dict[str, str | os.PathLike | None] | None = None,
+) -> None:
+    """Refuse an output that is, contains or lies inside an input folder, or that contains an input
+    file: writing it (or replacing it with --overwrite) would destroy the input."""
+    resolve = lambda d: {k: Path(v).resolve() for k, v in (d or {}).items() if v is not None}  # noqa: E731
+    outs, dirs, files = resolve(outputs), resolve(input_dirs), resolve(input_files)
+    for oname, out in outs.items():
+        for iname, folder in dirs.items():
+            if _inside(out, folder) or _inside(folder, out):
+                raise OffsiteError(
+                    f"{oname} {out} overlaps {iname} {folder}; write the output outside the inputs"
+                )
+        for iname, file in files.items():
+            if _inside(file, out):
+                raise OffsiteError(
+                    f"{oname} {out} contains {iname} {file}; write the output outside the inputs"
+                )
+
+
+def check_writable(out: str | os.PathLike) -> None:
+    """Fail now, not after hours of work, when `out` cannot be created where it is to go."""
+    parent = Path(out).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OffsiteError(
+            f"{out}: cannot write into {parent} (permission denied); choose another --out"
+        )

@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from offsite.errors import OffsiteError
+from offsite.training.finetune import FinetuneJob
 from offsite.training.loop import PRECISIONS, SCHEDULES, TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,6 +77,11 @@ def add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)"
     )
+    _add_batching(g, d)
+
+
+def _add_batching(g, d: TrainConfig) -> None:
+    job = FinetuneJob.__dataclass_fields__
     g.add_argument(
         "--batch-size",
         type=int,
@@ -95,14 +101,21 @@ def add_training(p: argparse.ArgumentParser) -> None:
         help="gradient clipping, 0 = off (default 1.0)",
     )
     g.add_argument(
-        "--block-size", type=int, default=512, help="tokens per training sequence (default 512)"
+        "--block-size",
+        type=int,
+        default=job["block_size"].default,
+        help=f"tokens per training sequence (default {job['block_size'].default})",
     )
     g.add_argument(
         "--val-fraction",
         type=float,
-        default=0.1,
-        help="share of sequences held out for validation (default 0.1)",
+        default=job["val_fraction"].default,
+        help=f"share of sequences held out for validation (default {job['val_fraction'].default})",
     )
+    _add_run(g, d)
+
+
+def _add_run(g, d: TrainConfig) -> None:
     g.add_argument(
         "--seed", type=int, default=d.seed, help=f"data order and init seed (default {d.seed})"
     )

@@ -8,8 +8,7 @@ import signal
 import threading
 
 from offsite.exchange.home import OwnerHome
-from offsite.exchange.service import OwnerService
-from offsite.transport.server import start_server
+from offsite.transport.server import serve as run_server
 
 
 def serve(
@@ -22,13 +21,11 @@ def serve(
             "WARNING: --insecure-dev: NO TLS and NO AUTHENTICATION. Never use this outside local testing.",
             flush=True,
         )
-    service = OwnerService(home, chunk_bytes=chunk_bytes)
-    server, port = start_server(service, listen, insecure=insecure)
-    host = listen.rsplit(":", 1)[0]
-    print(json.dumps({"listening": f"{host}:{port}", "tls": not insecure}), flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    server.stop(grace=5).wait()
-    service.close()
+
+    def ready(address: str) -> None:
+        print(json.dumps({"listening": address, "tls": not insecure}), flush=True)
+
+    run_server(home, listen, stop, insecure=insecure, chunk_bytes=chunk_bytes, on_ready=ready)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from offsite.artefacts.bundle import open_bundle, package_emulator
+from offsite.artefacts.bundle import open_bundle
+from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import make_plan
 from offsite.models.architectures import num_blocks
 from offsite.models.flops import finetune_flops_per_token
@@ -110,7 +111,12 @@ def main() -> None:
             proc.join()
     peak = matmul_peak()
 
-    flops = finetune_flops_per_token(config, plan, args.block_size)
+    flops = finetune_flops_per_token(
+        config,
+        emulator_depth=len(plan.emulator_order),
+        adapter_blocks=len(plan.adapter),
+        seq_len=args.block_size,
+    )
     step_tokens = args.batch_size * args.block_size
     off, full = results["offsite"], results["full"]
     speed_ratio = off["tokens_per_s"] / full["tokens_per_s"]

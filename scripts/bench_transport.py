@@ -35,15 +35,14 @@ def _reset_peak(pid: int | str) -> None:
 
 def _make_bundle(work: Path, size: int):
     """An owner home with one signed, registered bundle carrying a `size`-byte payload file."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny import save_tiny
-
-    from offsite.artefacts.bundle import MANIFEST_NAME, SIGNATURE_NAME, package_emulator
+    from offsite.artefacts.bundle import MANIFEST_NAME, SIGNATURE_NAME
     from offsite.artefacts.manifest import hash_files
     from offsite.artefacts.signing import Signer
+    from offsite.emulator.package import package_emulator
     from offsite.emulator.plan import make_plan
-    from offsite.exchange.home import enroll, init_home, listing
+    from offsite.exchange.home import enroll, init_home, register_bundle
     from offsite.models.loading import load_model, load_tokenizer
+    from offsite.models.tiny import save_tiny
 
     home = init_home(work / "home", [])
     creds = enroll(home, "bench")
@@ -62,10 +61,7 @@ def _make_bundle(work: Path, size: int):
     from offsite.artefacts.bundle import open_bundle
 
     bundle = open_bundle(bundle.path)
-    with home.registry() as registry:
-        registry.add_bundle(
-            bundle.bundle_id, "bench", "bundle", str(bundle.path), "tiny", listing(bundle)
-        )
+    register_bundle(home, bundle, "bench", "tiny")
     creds.save(work / "bench.creds")
     return home, bundle
 

@@ -12,12 +12,13 @@ from pathlib import Path
 from tiny import DEPTH, save_tiny
 
 from offsite.artefacts.adapter import extract_adapter, save_adapter
-from offsite.artefacts.bundle import Bundle, package_emulator
+from offsite.artefacts.bundle import Bundle
 from offsite.artefacts.signing import Signer, load_private
+from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import make_plan
 from offsite.exchange.credentials import Credentials
-from offsite.exchange.home import OwnerHome, enroll, init_home, listing
-from offsite.exchange.service import OwnerService
+from offsite.exchange.home import OwnerHome, enroll, init_home, register_bundle
+from offsite.exchange.service import OwnerService, ServiceLimits
 from offsite.models.loading import load_model, load_tokenizer
 from offsite.transport.server import start_server
 
@@ -29,10 +30,7 @@ def issue_bundle(home: OwnerHome, model_dir: Path, name: str, out: Path) -> Bund
     bundle = package_emulator(load_model(str(model_dir)), load_tokenizer(str(model_dir)), make_plan(DEPTH, emulator_layers=2),
                               out, base_name=str(model_dir), signer=Signer("model-owner", home.signing_key),
                               extra={"issued_to": name}, inplace=True)  # fmt: skip
-    with home.registry() as registry:
-        registry.add_bundle(
-            bundle.bundle_id, name, out.name, str(out.resolve()), str(model_dir), listing(bundle)
-        )
+    register_bundle(home, bundle, name, str(model_dir))
     return bundle
 
 
@@ -65,9 +63,9 @@ def untrained_adapter(bundle: Bundle, creds: Credentials, out: Path) -> Path:
 
 
 @contextmanager
-def thread_server(home: OwnerHome, chunk_bytes: int = 1 << 20):
-    service = OwnerService(home, chunk_bytes=chunk_bytes)
-    server, port = start_server(service, "127.0.0.1:0", workers=32)
+def thread_server(home: OwnerHome, chunk_bytes: int = 1 << 20, limits: ServiceLimits | None = None):
+    service = OwnerService(home, chunk_bytes=chunk_bytes, limits=limits)
+    server, port = start_server(service, "127.0.0.1:0")
     try:
         yield f"localhost:{port}"
     finally:

@@ -10,9 +10,9 @@ from offsite.artefacts.adapter import (
     plug_adapter,
     plug_into_emulator,
     save_adapter,
-    verify_adapter,
 )
-from offsite.artefacts.bundle import package_emulator
+from offsite.artefacts.merge import verify_adapter
+from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import make_plan
 from offsite.models.architectures import block_prefix
 from offsite.models.fingerprint import model_fingerprint
@@ -43,9 +43,7 @@ def test_untouched_adapter_plugs_back_to_identical_logits(family, tokenizer, tmp
     prefix = block_prefix(model.config.model_type)
     assert {int(k[len(prefix) + 1 :].split(".")[0]) for k in state} == {0, 1, 6, 7}
     adapter = save_adapter(state, bundle, tmp_path / "a", training={})
-    plug_adapter(
-        model, verify_adapter(adapter, model, model_fingerprint(model), bundle_id=bundle.bundle_id)
-    )
+    plug_adapter(model, verify_adapter(adapter, bundle, model, model_fingerprint(model)))
     with torch.no_grad():
         assert torch.equal(model(INPUT).logits, base)
 
@@ -62,7 +60,7 @@ def test_finetuned_adapter_changes_only_the_adapter_blocks(
     )
     trained = load_file(str(tmp_path / "a" / WEIGHTS_NAME))
 
-    plug_adapter(model, verify_adapter(adapter, model, model_fingerprint(model)))
+    plug_adapter(model, verify_adapter(adapter, bundle, model, model_fingerprint(model)))
     merged = model.state_dict()
     assert set(trained) <= set(merged)
     changed = {k for k in merged if not torch.equal(merged[k], base[k])}

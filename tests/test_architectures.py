@@ -51,3 +51,22 @@ def test_set_blocks_renumbers_cache_indices_and_slices_config(family):
         assert not (isinstance(value, list) and len(value) == DEPTH), name
     out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
+
+
+def test_only_the_registry_knows_model_families():
+    import re
+    from pathlib import Path
+
+    from offsite.models.architectures import supported_model_types
+
+    root = Path(__file__).resolve().parents[1] / "offsite"
+    allowed = {root / "models" / "architectures.py", root / "models" / "tiny.py"}
+    names = "|".join(map(re.escape, supported_model_types()))
+    pattern = re.compile(rf"""["']({names})["']""")
+    offenders = [
+        f"{p.relative_to(root)}: {m.group(0)}"
+        for p in root.rglob("*.py")
+        if p not in allowed and "_pb2" not in p.name
+        for m in pattern.finditer(p.read_text())
+    ]
+    assert not offenders, offenders

@@ -6,8 +6,9 @@ from safetensors import safe_open
 from tiny import DEPTH, FAMILIES, VOCAB, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from offsite.artefacts.bundle import MANIFEST_NAME, open_bundle, package_emulator
+from offsite.artefacts.bundle import MANIFEST_NAME, open_bundle
 from offsite.emulator.build import build_emulator
+from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import SplitPlan, make_plan
 from offsite.errors import VerificationError
 from offsite.models.architectures import block_prefix, get_blocks

@@ -6,7 +6,10 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from helpers import copy_tree as _copy
+from helpers import expect_error as _expect_error
+from helpers import rewrite_adapter as _rewrite_adapter
+from safetensors.torch import load_file
 from tiny import save_tiny
 
 from data_owner.cli import main as data_owner
@@ -58,22 +61,10 @@ def flow(tmp_path_factory):
     return root
 
 
-def _expect_error(capsys, fn, argv, message, absent=None):
-    capsys.readouterr()
-    assert fn(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert message in err, err
-    assert "Traceback" not in err
-    if absent is not None:
-        assert not absent.exists(), f"{absent} was left behind"
-        assert not list(absent.parent.glob(f".{absent.name}.*")), "temporary output left behind"
-
-
 def test_merge_and_evaluate_happy_path(flow, capsys):
     capsys.readouterr()
     assert owner(["merge-adapter", "--model", str(flow / "model"), "--adapter", str(flow / "adapter"),
-                  "--bundle", str(flow / "bundle"), "--out", str(flow / "merged")]) == 0  # fmt: skip
+                  "--bundle", str(flow / "bundle"), "--allow-unsigned", "--out", str(flow / "merged")]) == 0  # fmt: skip
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged = AutoModelForCausalLM.from_pretrained(flow / "merged")
@@ -125,27 +116,6 @@ def test_existing_output_is_not_clobbered(flow, capsys):
     assert sha256_file(flow / "bundle" / "model.safetensors") == before
 
 
-def _copy(src, dst):
-    import shutil
-
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _rewrite_adapter(path, mutate):
-    """Tamper with adapter weights, then fix up the manifest so only the deep checks can catch it."""
-    tensors = load_file(str(path / WEIGHTS_NAME))
-    mutate(tensors)
-    save_file(tensors, str(path / WEIGHTS_NAME))
-    manifest = json.loads((path / ADAPTER_MANIFEST).read_text())
-    manifest["files"][WEIGHTS_NAME] = sha256_file(path / WEIGHTS_NAME)
-    manifest["tensors"] = {
-        k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
-        for k, v in tensors.items()
-    }
-    (path / ADAPTER_MANIFEST).write_text(json.dumps(manifest))
-
-
 def _first(tensors):
     return sorted(tensors)[0]
 
@@ -172,22 +142,22 @@ def _first(tensors):
 def test_tampered_adapters_are_rejected(flow, tmp_path, capsys, mutate, message):
     bad = _copy(flow / "adapter", tmp_path / "bad")
     _rewrite_adapter(bad, mutate)
-    _expect_error(capsys, owner, ["merge-adapter", "--model", str(flow / "model"), "--adapter", str(bad),
+    _expect_error(capsys, owner, ["merge-adapter", "--model", str(flow / "model"), "--adapter", str(bad), "--bundle", str(flow / "bundle"), "--allow-unsigned",
                                   "--out", str(tmp_path / "m")], message, tmp_path / "m")  # fmt: skip
 
 
 def test_corrupted_files_are_rejected(flow, tmp_path, capsys):
     bad = _copy(flow / "adapter", tmp_path / "bad")
     (bad / WEIGHTS_NAME).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json header}")
-    _expect_error(capsys, owner, ["merge-adapter", "--model", str(flow / "model"), "--adapter", str(bad), "--out", str(tmp_path / "m")],
+    _expect_error(capsys, owner, ["merge-adapter", "--model", str(flow / "model"), "--adapter", str(bad), "--bundle", str(flow / "bundle"), "--allow-unsigned", "--out", str(tmp_path / "m")],
                   "adapter.safetensors: sha256 does not match the manifest", tmp_path / "m")  # fmt: skip
     manifest = json.loads((bad / ADAPTER_MANIFEST).read_text())
     manifest["files"][WEIGHTS_NAME] = sha256_file(bad / WEIGHTS_NAME)
     (bad / ADAPTER_MANIFEST).write_text(json.dumps(manifest))
-    _expect_error(capsys, owner, ["merge-adapter", "--model", str(flow / "model"), "--adapter", str(bad), "--out", str(tmp_path / "m")],
+    _expect_error(capsys, owner, ["merge-adapter", "--model", str(flow / "model"), "--adapter", str(bad), "--bundle", str(flow / "bundle"), "--allow-unsigned", "--out", str(tmp_path / "m")],
                   "not a valid safetensors file", tmp_path / "m")  # fmt: skip
     (bad / ADAPTER_MANIFEST).write_text("{broken")
-    _expect_error(capsys, owner, ["merge-adapter", "--model", str(flow / "model"), "--adapter", str(bad), "--out", str(tmp_path / "m")],
+    _expect_error(capsys, owner, ["merge-adapter", "--model", str(flow / "model"), "--adapter", str(bad), "--bundle", str(flow / "bundle"), "--allow-unsigned", "--out", str(tmp_path / "m")],
                   "adapter_manifest.json: not valid JSON", tmp_path / "m")  # fmt: skip
     bundle = _copy(flow / "bundle", tmp_path / "bundle")
     (bundle / "model.safetensors").write_bytes(b"garbage")
@@ -197,9 +167,10 @@ def test_corrupted_files_are_rejected(flow, tmp_path, capsys):
 
 def test_adapter_from_another_model_or_bundle(flow, tmp_path, capsys):
     _expect_error(capsys, owner, ["merge-adapter", "--model", str(flow / "other"), "--adapter", str(flow / "adapter"),
-                                  "--out", str(tmp_path / "m")], "adapter was trained for base model", tmp_path / "m")  # fmt: skip
+                                  "--bundle", str(flow / "bundle"), "--allow-unsigned", "--out", str(tmp_path / "m")],
+                  "was made for base model", tmp_path / "m")  # fmt: skip
     _expect_error(capsys, owner, ["merge-adapter", "--model", str(flow / "model"), "--adapter", str(flow / "adapter"),
-                                  "--bundle", str(flow / "bundle3"), "--out", str(tmp_path / "m")],
+                                  "--bundle", str(flow / "bundle3"), "--allow-unsigned", "--out", str(tmp_path / "m")],
                   "adapter was trained from bundle", tmp_path / "m")  # fmt: skip
     _expect_error(capsys, data_owner, ["evaluate", "--bundle", str(flow / "bundle3"), "--adapter", str(flow / "adapter"),
                                        "--data", str(flow / "corpus.txt")], "was not trained from bundle")  # fmt: skip

@@ -10,15 +10,15 @@ import grpc
 import pytest
 import torch
 from exchange_env import make_env, signer_of, thread_server, untrained_adapter
+from helpers import rewrite_adapter as _rewrite_adapter
 from safetensors.torch import load_file
-from test_cli import _rewrite_adapter
 
 from offsite.artefacts.adapter import ADAPTER_MANIFEST, WEIGHTS_NAME, open_adapter
 from offsite.artefacts.bundle import MANIFEST_NAME, open_bundle
 from offsite.atomic import sha256_file
 from offsite.errors import VerificationError
 from offsite.exchange.home import enroll, init_home
-from offsite.exchange.service import PROTOCOL_VERSION
+from offsite.exchange.protocol import PROTOCOL_VERSION
 from offsite.training.finetune import FinetuneJob, finetune_bundle
 from offsite.training.loop import TrainConfig
 from offsite.transport.client import RetryPolicy, TransportError, connect

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from exchange_env import thread_server
-from test_cli import _expect_error
+from helpers import expect_error as _expect_error
 from tiny import CORPUS, save_tiny
 
 from data_owner.cli import main as data_owner

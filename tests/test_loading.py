@@ -14,13 +14,21 @@ def test_concurrent_loads_leave_later_models_whole(tmp_path):
     # leave the next tied-weights model with lm_head on the meta device.
     save_tiny("llama", tmp_path / "llama")
     save_tiny("gemma", tmp_path / "gemma")
-    threads = [
-        threading.Thread(target=load_model, args=(str(tmp_path / "llama"),)) for _ in range(8)
-    ]
+    errors, loaded = [], []
+
+    def load() -> None:
+        try:
+            model = load_model(str(tmp_path / "llama"))
+            loaded.append(not [n for n, t in model.state_dict().items() if t.device.type == "meta"])
+        except Exception as e:  # reported below: a thread's exception is otherwise lost
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not errors and loaded == [True] * 8, errors
     model = load_model(str(tmp_path / "gemma"))
     assert not [n for n, t in model.state_dict().items() if t.device.type == "meta"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from tiny import CORPUS, DEPTH, tiny_model
 
-from offsite.artefacts.bundle import package_emulator
+from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import make_plan
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which(

@@ -5,6 +5,7 @@ import sys
 
 from tiny import save_tiny
 
+from offsite.evaluation.five_settings import Scoreboard
 from scripts import privacy_utility
 
 
@@ -14,7 +15,15 @@ def test_privacy_utility_sweep_writes_table_json_and_plot(tmp_path, corpus_file,
             "--kept", "1", "2", "--steps", "2", "--block-size", "16", "--eval-sequences", "4", "--out", str(tmp_path / "r"),
             "--distill-data", str(corpus_file), "--distill-steps", "2"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
+    ceilings = []
+    original = Scoreboard.full_finetune
+    monkeypatch.setattr(
+        Scoreboard,
+        "full_finetune",
+        lambda self, *a, **k: ceilings.append(1) or original(self, *a, **k),
+    )
     privacy_utility.main()
+    assert len(ceilings) == 1, "the ceiling is measured once for the whole sweep"
     rows = json.loads((tmp_path / "r" / "report.json").read_text())
     assert [(r["kept"], r["recipe"]) for r in rows] == [
         (1, "no distillation"),

@@ -9,7 +9,7 @@ import pytest
 from exchange_env import ServerProcess, make_env, untrained_adapter
 
 from offsite.atomic import sha256_file
-from offsite.exchange.service import ADAPTER_FILES
+from offsite.exchange.protocol import ADAPTER_FILES
 from offsite.transport.client import connect
 
 CHUNK = 16 << 10

@@ -195,8 +195,20 @@ def test_build_task_limits_are_seeded_samples(tmp_path):
     assert a.test_items != tuple(choice_items(spec, records(spec, tmp_path)[1])[:10])
 
 
-def test_named_lm_eval_tasks_fail_clearly_without_their_data():
+def test_named_lm_eval_tasks_fail_clearly_without_their_data(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
     from offsite.evaluation.choice import named_training_items
+
+    # an empty cache, whatever this machine has downloaded before: the data cannot be found
+    for module, attr in (
+        (datasets.config, "HF_DATASETS_CACHE"),
+        (huggingface_hub.constants, "HF_HUB_CACHE"),
+    ):
+        monkeypatch.setattr(module, attr, str(tmp_path / attr))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
 
     with pytest.raises(OffsiteError, match="not a registered task"):
         named_training_items("no_such_task_xyz")

@@ -4,7 +4,7 @@ from safetensors.torch import load_file
 from tiny import DEPTH, tiny_model
 
 from offsite.artefacts.adapter import WEIGHTS_NAME
-from offsite.artefacts.bundle import package_emulator
+from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import make_plan
 from offsite.errors import OffsiteError
 from offsite.training.finetune import FinetuneJob, finetune_bundle

@@ -140,42 +140,13 @@ def open_adapter(path: str | Path) -> Adapter:
     files = field(data, "files", dict, mpath)
     if WEIGHTS_NAME not in files:
         raise VerificationError(f"{mpath}: 'files' does not list {WEIGHTS_NAME}")
-    check_files(path, files, NOT_HASHED)
+    check_files(path, files, NOT_HASHED, suffixes=(".safetensors",))
     return Adapter(path, data)
 
 
 def expected_spec(full_model: PreTrainedModel, blocks: list[int]) -> TensorSpec:
     """What an adapter for `blocks` of this full model must contain."""
     return spec_of(block_parameters(full_model, blocks))
-
-
-def verify_adapter(
-    adapter: Adapter, full_model: PreTrainedModel, fingerprint: str, *, bundle_id: str | None = None
-) -> dict[str, torch.Tensor]:
-    """Check the adapter belongs to this model (fingerprint, key set, shapes, dtypes, finite values) and load it."""
-    m = adapter.manifest
-    if m["base_fingerprint"] != fingerprint:
-        raise VerificationError(
-            f"{adapter.path}: adapter was trained for base model {m['base_fingerprint'][:19]}…, "
-            f"not this one ({fingerprint[:19]}…); merge it into the model its bundle was made from"
-        )
-    if bundle_id is not None and m["bundle_id"] != bundle_id:
-        raise VerificationError(
-            f"{adapter.path}: adapter was trained from bundle {m['bundle_id'][:19]}…, not {bundle_id[:19]}…"
-        )
-    if m["block_prefix"] != block_prefix(full_model.config.model_type):
-        raise VerificationError(
-            f"{adapter.path}: block_prefix {m['block_prefix']!r} does not match this model"
-        )
-    nblocks = len(get_blocks(full_model))
-    blocks = m["adapter_blocks"]
-    if not blocks or any(not isinstance(b, int) or not 0 <= b < nblocks for b in blocks):
-        raise VerificationError(
-            f"{adapter.path}: adapter_blocks {blocks} out of range for a {nblocks}-block model"
-        )
-    expected = expected_spec(full_model, blocks)
-    check_spec(str(adapter.path / ADAPTER_MANIFEST), adapter.spec, expected)
-    return load_checked(adapter.path / WEIGHTS_NAME, expected)
 
 
 @torch.no_grad()
@@ -214,17 +185,6 @@ def plug_into_emulator(emulator: PreTrainedModel, bundle: Bundle, adapter: Adapt
     plug_adapter(emulator, state, positions=mapping)
 
 
-def save_merged(
-    model: PreTrainedModel, tokenizer, out: str | Path, *, overwrite: bool = False
-) -> Path:
-    """Write a plain Hugging Face model directory (safetensors + config + tokenizer), atomically."""
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out)
-
-
 def spec_from_bundle(bundle: Bundle) -> TensorSpec:
     """What an adapter for `bundle` must contain, read from the bundle's safetensors headers only."""
     prefix = bundle.manifest["base_model"]["block_prefix"]
@@ -239,8 +199,11 @@ def spec_from_bundle(bundle: Bundle) -> TensorSpec:
     return spec
 
 
-def verify_adapter_for_bundle(adapter: Adapter, bundle: Bundle) -> dict[str, torch.Tensor]:
-    """Check an adapter against the bundle it claims (ids, key set, shapes, dtypes, finite values)."""
+def verify_adapter_for_bundle(
+    adapter: Adapter, bundle: Bundle, expected: TensorSpec | None = None
+) -> dict[str, torch.Tensor]:
+    """Check an adapter against the bundle it claims (ids, key set, shapes, dtypes, finite values);
+    `expected`: `spec_from_bundle(bundle)`, if the caller already has it."""
     m = adapter.manifest
     if m["bundle_id"] != bundle.bundle_id:
         raise VerificationError(
@@ -253,6 +216,6 @@ def verify_adapter_for_bundle(adapter: Adapter, bundle: Bundle) -> dict[str, tor
         raise VerificationError(
             f"{adapter.path}: base fingerprint or adapter blocks differ from the bundle's"
         )
-    expected = spec_from_bundle(bundle)
+    expected = expected if expected is not None else spec_from_bundle(bundle)
     check_spec(str(adapter.path / ADAPTER_MANIFEST), adapter.spec, expected)
     return load_checked(adapter.path / WEIGHTS_NAME, expected)

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
-from offsite import __version__
 from offsite.artefacts.manifest import check_files, field, hash_files, read_manifest
 from offsite.artefacts.signing import Signer, verify_file
+from offsite.artefacts.tensorcheck import header_spec
 from offsite.atomic import atomic_directory, write_json_atomic
-from offsite.emulator.build import build_emulator
-from offsite.emulator.plan import SplitPlan
 from offsite.errors import OffsiteError, VerificationError
-from offsite.models.architectures import block_prefix, get_blocks
-from offsite.models.fingerprint import model_fingerprint
+from offsite.models.architectures import get_blocks
 from offsite.models.loading import from_pretrained
 
 BUNDLE_FORMAT = "offsite-tuning/emulator-bundle"
@@ -26,6 +22,8 @@ BUNDLE_FORMAT_VERSION = 1
 MANIFEST_NAME = "offsite_manifest.json"
 SIGNATURE_NAME = "offsite_manifest.sig"
 NOT_HASHED = (MANIFEST_NAME, SIGNATURE_NAME)
+# What a bundle may hold: weights, JSON configs and tokenizer files; never pickles or code.
+FILE_TYPES = (".safetensors", ".json", ".txt", ".model", ".jinja")
 
 
 @dataclass(frozen=True)
@@ -59,81 +57,56 @@ class Bundle:
         """Full-model indices of the adapter blocks."""
         return [b["source"] for b in self.manifest["blocks"] if b["role"] == "adapter"]
 
-    @property
-    def plan(self) -> SplitPlan:
-        """The split plan this bundle was made with."""
-        e = self.manifest["emulator"]
-        return SplitPlan(self.manifest["base_model"]["num_layers"], tuple(self.adapter_sources),
-                         tuple(e["kept"]), e.get("strategy", "uniform"))  # fmt: skip
-
     def verify_signature(self, owner_key) -> str:
         """Check the owner's signature over the manifest; returns the signer name."""
         return verify_file(self.path / MANIFEST_NAME, self.path / SIGNATURE_NAME, owner_key)
 
     def load_model(self, **kwargs) -> PreTrainedModel:
         """The emulator as a plain transformers model."""
-        return from_pretrained(self.path, **kwargs)
+        try:
+            return from_pretrained(self.path, **kwargs)
+        except OffsiteError:
+            raise
+        except (
+            Exception
+        ) as e:  # the files passed their hashes, yet transformers cannot build a model
+            raise VerificationError(
+                f"{self.path}: cannot load the emulator ({_first_line(e)})"
+            ) from None
+
+    def load_tokenizer(self):
+        """The tokenizer shipped with the bundle."""
+        try:
+            return AutoTokenizer.from_pretrained(self.path)
+        except (
+            Exception
+        ) as e:  # a broken tokenizer.json raises whatever the tokenizers library raises
+            raise VerificationError(
+                f"{self.path}: cannot load the tokenizer ({_first_line(e)})"
+            ) from None
 
 
-def bundle_manifest(
-    model: PreTrainedModel, plan: SplitPlan, base_name: str, fingerprint: str, extra: dict | None
-) -> dict:
-    """The manifest (without file hashes) describing `plan` applied to `model`."""
-    adapter = set(plan.adapter)
-    blocks = [
-        {"index": i, "source": src, "role": "adapter" if src in adapter else "emulator"}
-        for i, src in enumerate(plan.emulator_order)
-    ]
-    return {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "offsite_version": __version__,
-        "base_model": {
-            "name": base_name,
-            "fingerprint": fingerprint,
-            "model_type": model.config.model_type,
-            "num_layers": plan.num_layers,
-            "block_prefix": block_prefix(model.config.model_type),
-        },
-        "blocks": blocks,
-        "emulator": {
-            "strategy": plan.strategy,
-            "kept": list(plan.kept),
-            "dropped": list(plan.dropped),
-        },
-        **(extra or {}),
-    }
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def package_emulator(
-    model: PreTrainedModel,
+def write_bundle(
+    emulator: PreTrainedModel,
     tokenizer,
-    plan: SplitPlan,
+    manifest: dict,
     out: str | Path,
     *,
-    base_name: str,
     overwrite: bool = False,
-    extra: dict | None = None,
-    inplace: bool = False,
     signer: Signer | None = None,
-    emulator: PreTrainedModel | None = None,
 ) -> Bundle:
-    """Write the emulator for `plan` as a bundle directory (signed if `signer`), atomically.
-
-    The emulator is built from `model` unless a prepared one (e.g. distilled) is passed.
-    """
-    fingerprint = model_fingerprint(model)
-    manifest = bundle_manifest(model, plan, base_name, fingerprint, extra)
-    if emulator is None:
-        emulator = build_emulator(model, plan, inplace=inplace)
-    elif len(get_blocks(emulator)) != len(plan.emulator_order):
-        raise OffsiteError("the prepared emulator does not have the plan's blocks")
+    """Save `emulator` (+ tokenizer) with `manifest` (file hashes added) as a bundle, atomically."""
+    if len(get_blocks(emulator)) != len(manifest["blocks"]):
+        raise OffsiteError("the emulator does not have the blocks its manifest lists")
     with atomic_directory(out, overwrite=overwrite) as tmp:
         emulator.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        manifest["files"] = hash_files(tmp, NOT_HASHED)
+        manifest = {**manifest, "files": hash_files(tmp, NOT_HASHED)}
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
         if signer is not None:
             signer.sign(tmp / MANIFEST_NAME, tmp / SIGNATURE_NAME)
@@ -168,7 +141,11 @@ def open_bundle(path: str | Path, hashed: dict[str, str] | None = None) -> Bundl
             raise VerificationError(f"{manifest_path}: blocks[{i}] is malformed")
         if not isinstance(b.get("source"), int) or not 0 <= b["source"] < base["num_layers"]:
             raise VerificationError(f"{manifest_path}: blocks[{i}].source is out of range")
-    check_files(path, field(data, "files", dict, manifest_path), NOT_HASHED, hashed)
+    files = field(data, "files", dict, manifest_path)
+    check_files(path, files, NOT_HASHED, hashed, FILE_TYPES)
+    for name in files:
+        if name.endswith(".safetensors"):
+            header_spec(path / name)  # a malformed or oversized header is refused before loading
     return Bundle(path, data)
 
 

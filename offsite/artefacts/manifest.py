@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ def read_manifest(path: Path, kind: str, version: int) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise VerificationError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise VerificationError(f"{path}: JSON nested too deeply to be a manifest") from None
     if not isinstance(data, dict) or data.get("format") != kind:
         raise VerificationError(
             f"{path}: 'format' is {data.get('format') if isinstance(data, dict) else None!r}, expected {kind!r}"
@@ -50,31 +53,51 @@ def hash_files(root: Path, exclude: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _walk(root: Path) -> set[str]:
+    """Relative names of the regular files under `root`; any symlink is an error (never followed)."""
+    present = set()
+    for folder, dirs, names in os.walk(root, followlinks=False):
+        for name in dirs + names:
+            path = Path(folder) / name
+            if path.is_symlink():
+                raise VerificationError(
+                    f"{path}: is a symbolic link; artefacts hold regular files only"
+                )
+        present.update((Path(folder) / n).relative_to(root).as_posix() for n in names)
+    return present
+
+
 def check_files(
     root: Path,
     files: dict[str, str],
     exclude: tuple[str, ...],
     hashed: dict[str, str] | None = None,
+    suffixes: tuple[str, ...] | None = None,
 ) -> None:
-    """Every listed file exists with its sha256, and no unlisted file is present.
+    """Every listed file exists with its sha256, and no unlisted file (or symlink) is present.
 
     `hashed` holds digests the caller computed itself over these very files (e.g. while
-    receiving them), so they need not be read a second time.
+    receiving them), so they need not be read a second time. `suffixes`: the only file types
+    the artefact may list.
     """
     hashed = hashed or {}
+    present = _walk(root)
     for rel, digest in files.items():
         if not isinstance(rel, str) or not isinstance(digest, str):
             raise VerificationError(f"{root}: manifest 'files' must map names to sha256 strings")
         if not is_safe_name(rel):
             raise VerificationError(f"{root}: manifest lists an unsafe file name {rel!r}")
+        if suffixes is not None and not rel.endswith(suffixes):
+            raise VerificationError(
+                f"{root}: manifest lists {rel!r}, a file type this artefact may not hold (only {', '.join(suffixes)})"
+            )
         path = root / rel
-        if not path.is_file():
+        if rel not in present:
             raise VerificationError(f"{path}: listed in the manifest but missing")
         if (hashed.get(rel) or sha256_file(path)) != digest:
             raise VerificationError(
                 f"{path}: sha256 does not match the manifest (corrupted or tampered)"
             )
-    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
     unlisted = present - set(files) - set(exclude)
     if unlisted:
         raise VerificationError(

@@ -74,8 +74,7 @@ def load_public(pem: bytes, where: str) -> Ed25519PublicKey:
 
 def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
     """Save a private key readable by its owner only."""
-    write_bytes_atomic(path, private_pem(key))
-    path.chmod(0o600)
+    write_bytes_atomic(path, private_pem(key), private=True)
 
 
 def sign_file(manifest: Path, signature: Path, key: Ed25519PrivateKey, signer: str) -> None:
@@ -110,3 +109,11 @@ def verify_file(manifest: Path, signature: Path, key: Ed25519PublicKey) -> str:
             f"{signature}: signature does not match {manifest.name} (tampered or wrong key)"
         ) from None
     return str(data.get("signer", ""))
+
+
+def load_public_file(path: str | Path) -> Ed25519PublicKey:
+    """A PEM Ed25519 public key file, or a one-line error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise OffsiteError(f"{path}: public key file not found")
+    return load_public(path.read_bytes(), str(path))

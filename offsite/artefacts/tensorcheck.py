@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -47,8 +48,31 @@ def check_spec(where: str, actual: TensorSpec, expected: TensorSpec) -> None:
             )
 
 
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+
+
+def _check_header(path: Path) -> None:
+    """Refuse a header whose declared length runs past the file or any sane size, or is not JSON."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            length = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+            if not 2 <= length <= min(MAX_HEADER_BYTES, path.stat().st_size - 8):
+                raise VerificationError(
+                    f"{path}: not a valid safetensors file (header length {length})"
+                )
+            header = json.loads(f.read(length))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise VerificationError(
+            f"{path}: not a valid safetensors file (malformed header)"
+        ) from None
+    if not isinstance(header, dict):
+        raise VerificationError(f"{path}: not a valid safetensors file (header is not an object)")
+
+
 def header_spec(path: Path) -> TensorSpec:
     """Dtype and shape of every tensor in a safetensors file, from its header alone."""
+    _check_header(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return {
@@ -58,7 +82,7 @@ def header_spec(path: Path) -> TensorSpec:
                 )
                 for name in f.keys()
             }
-    except (SafetensorError, OSError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise VerificationError(f"{path}: not a valid safetensors file ({e})") from None
 
 

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from offsite.atomic import write_bytes_atomic
 from offsite.errors import OffsiteError
-from offsite.evaluation.perplexity import eval_mode
+from offsite.models.modes import eval_mode
 
 
 @dataclass(frozen=True)

@@ -114,3 +114,11 @@ def make_plan(
         )
     kept = tuple(middle[j] for j in uniform_indices(len(middle), emulator_layers))
     return SplitPlan(num_layers, adapter, kept, STRATEGY_UNIFORM)
+
+
+def bundle_plan(manifest: dict) -> SplitPlan:
+    """The split plan a bundle was made with, from its (verified) manifest."""
+    adapter = [b["source"] for b in manifest["blocks"] if b["role"] == "adapter"]
+    e = manifest["emulator"]
+    return SplitPlan(manifest["base_model"]["num_layers"], tuple(adapter), tuple(e["kept"]),
+                     e.get("strategy", STRATEGY_UNIFORM))  # fmt: skip

@@ -46,6 +46,12 @@ class EmulatorRecipe:
             )
         if self.distill_weight < 0:
             raise OffsiteError("--distill-weight must be >= 0")
+        if not 0.0 <= self.prune < 1.0:
+            raise OffsiteError(f"--prune {self.prune} must be in [0, 1)")
+        if self.quantize_bits is not None and not 2 <= self.quantize_bits <= 16:
+            raise OffsiteError(
+                f"--quantize-bits {self.quantize_bits} must be between 2 and 16 (leave it out for no quantization)"
+            )
 
 
 def make_emulator(
@@ -80,7 +86,7 @@ def make_emulator(
     if recipe.prune:
         prune_magnitude(emulator, positions, recipe.prune)
         record["pruning"] = {"method": "magnitude", "sparsity": recipe.prune}
-    if recipe.quantize_bits:
+    if recipe.quantize_bits is not None:
         quantize_weights(emulator, positions, recipe.quantize_bits)
         record["quantization"] = {"method": "symmetric per-row", "bits": recipe.quantize_bits}
     return emulator, plan, record

@@ -17,8 +17,8 @@ from transformers import PreTrainedModel
 
 from offsite.emulator.plan import SplitPlan
 from offsite.errors import OffsiteError
-from offsite.evaluation.perplexity import eval_mode
 from offsite.models.architectures import get_blocks
+from offsite.models.modes import eval_mode
 from offsite.training.data import TokenData, collate
 
 RULES = ("uniform", "redundancy", "similarity")  # chosen by name; "explicit" takes indices

@@ -9,6 +9,7 @@ registered lm-eval task can be run by name too.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Iterator
@@ -18,8 +19,8 @@ import torch
 from torch import nn
 
 from offsite.errors import OffsiteError
-from offsite.evaluation.perplexity import eval_mode
 from offsite.evaluation.specs import ChoiceItem
+from offsite.models.modes import eval_mode
 
 
 @contextmanager
@@ -56,9 +57,16 @@ def _lm(model: nn.Module, tokenizer, batch_size: int):
                 add_bos_token=False)  # fmt: skip
 
 
+@functools.cache
+def task_manager():
+    """lm-eval's task index, built once per process (indexing every task takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(verbosity="ERROR")
+
+
 def _run(model: nn.Module, tokenizer, task, batch_size: int, limit: int | None) -> dict:
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     with (
         eval_mode(model),
@@ -68,7 +76,7 @@ def _run(model: nn.Module, tokenizer, task, batch_size: int, limit: int | None) 
         out = lm_eval.simple_evaluate(
             model=_lm(model, tokenizer, batch_size),
             tasks=[task],
-            task_manager=TaskManager(verbosity="ERROR"),
+            task_manager=task_manager(),
             limit=limit,
             bootstrap_iters=0,
             log_samples=True,
@@ -135,11 +143,11 @@ def _no_data(task: str, e: Exception) -> str:
 
 def named_training_items(task: str, limit: int | None = None) -> tuple[list[ChoiceItem], str]:
     """Training items of a registered multiple-choice lm-eval task, and its target delimiter."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import get_task_dict
 
     with _quiet_lm_eval():
         try:
-            obj = get_task_dict([task], TaskManager(verbosity="ERROR"))[task]
+            obj = get_task_dict([task], task_manager())[task]
         except (KeyError, ValueError) as e:
             raise OffsiteError(f"lm-eval task {task!r}: {e}") from None
         except (OSError, ConnectionError) as e:

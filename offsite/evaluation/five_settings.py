@@ -19,8 +19,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from offsite.artefacts.adapter import extract_adapter, plug_adapter
-from offsite.artefacts.bundle import package_emulator
 from offsite.atomic import write_bytes_atomic, write_json_atomic
+from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import SplitPlan
 from offsite.evaluation.tasks import Task
 from offsite.training.data import TokenData, pad_id_of

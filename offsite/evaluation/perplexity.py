@@ -2,41 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from offsite.training.data import IGNORE_INDEX, TokenData, collate, load_data, pad_id_of
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` in eval mode for the block, then back in the mode it was in (also on error)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def batch_nll(
-    model: nn.Module, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL and the number of tokens it covers (labels shifted by one)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    nll = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        targets.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return nll, (targets != IGNORE_INDEX).sum()
+from offsite.models.modes import eval_mode
+from offsite.training.data import TokenData, collate, load_data, pad_id_of
+from offsite.training.loss import batch_nll
 
 
 @torch.no_grad()

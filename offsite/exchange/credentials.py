@@ -6,8 +6,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from offsite.artefacts.bundle import Bundle
+from offsite.artefacts.signing import load_public
 from offsite.atomic import write_json_atomic
-from offsite.errors import OffsiteError
+from offsite.errors import OffsiteError, VerificationError
 
 CREDENTIALS_FORMAT = "offsite-tuning/credentials"
 CREDENTIALS_FORMAT_VERSION = 1
@@ -24,6 +26,15 @@ class Credentials:
     signing_key: str  # the data owner's Ed25519 private key (signs adapters)
     owner_public_key: str  # the model owner's Ed25519 public key (verifies bundles)
 
+    def check_bundle(self, bundle: Bundle) -> None:
+        """The bundle is signed by the model owner these credentials name, and issued to us."""
+        bundle.verify_signature(load_public(self.owner_public_key.encode(), "credentials"))
+        issued = bundle.manifest.get("issued_to")
+        if issued != self.name:
+            raise VerificationError(
+                f"{bundle.path}: bundle is issued to {issued!r}, not to {self.name!r}"
+            )
+
     def save(self, path: Path) -> None:
         """Write the file readable by its owner only (it holds private keys)."""
         write_json_atomic(
@@ -33,8 +44,8 @@ class Credentials:
                 "format_version": CREDENTIALS_FORMAT_VERSION,
                 **asdict(self),
             },
+            private=True,
         )
-        path.chmod(0o600)
 
 
 def load_credentials(path: str | Path) -> Credentials:

@@ -6,18 +6,23 @@ home/ca.pem ca.key server.pem server.key signing.key signing.pub registry.sqlite
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from offsite.artefacts.bundle import MANIFEST_NAME, SIGNATURE_NAME, Bundle
+from offsite.artefacts.adapter import open_adapter
+from offsite.artefacts.bundle import MANIFEST_NAME, SIGNATURE_NAME, Bundle, open_bundle
 from offsite.artefacts.signing import (
+    Signer,
     load_private,
+    load_public,
     new_signing_key,
     private_pem,
     public_pem,
     write_private_key,
 )
 from offsite.atomic import sha256_file, write_bytes_atomic
+from offsite.emulator.package import PackageSpec, package
 from offsite.errors import OffsiteError
 from offsite.exchange.credentials import Credentials
 from offsite.exchange.pki import KeyPair, cert_fingerprint, issue_client, issue_server, make_ca
@@ -60,23 +65,18 @@ class OwnerHome:
         return Registry(self.root / "registry.sqlite")
 
 
-def _write_secret(path: Path, data: bytes) -> None:
-    write_bytes_atomic(path, data)
-    path.chmod(0o600)
-
-
 def init_home(root: str | Path, server_names: list[str]) -> OwnerHome:
     """Create a CA, a server certificate, an Ed25519 signing key and an empty registry."""
-    root = Path(root)
+    root = Path(root).resolve()  # the registry stores absolute paths: valid from any directory
     if (root / "registry.sqlite").exists() or (root / "ca.pem").exists():
         raise OffsiteError(f"{root}: already an owner home; use another --home")
     root.mkdir(parents=True, exist_ok=True)
     ca = make_ca()
     server = issue_server(ca, server_names)
     key = new_signing_key()
-    _write_secret(root / "ca.key", ca.key_pem)
+    write_bytes_atomic(root / "ca.key", ca.key_pem, private=True)
     write_bytes_atomic(root / "ca.pem", ca.cert_pem)
-    _write_secret(root / "server.key", server.key_pem)
+    write_bytes_atomic(root / "server.key", server.key_pem, private=True)
     write_bytes_atomic(root / "server.pem", server.cert_pem)
     write_private_key(root / "signing.key", key)
     write_bytes_atomic(root / "signing.pub", public_pem(key.public_key()))
@@ -89,7 +89,7 @@ def init_home(root: str | Path, server_names: list[str]) -> OwnerHome:
 
 def open_home(root: str | Path) -> OwnerHome:
     """An existing owner home, or a clear error."""
-    root = Path(root)
+    root = Path(root).resolve()
     for name in ("ca.pem", "ca.key", "server.pem", "server.key", "signing.key", "registry.sqlite"):
         if not (root / name).is_file():
             raise OffsiteError(
@@ -136,3 +136,76 @@ def listing(bundle: Bundle) -> list[dict]:
         }
         for n, digest in digests.items()
     ]
+
+
+def active_data_owner(home: OwnerHome, name: str) -> None:
+    """Refuse a name that is not an enrolled, unrevoked data owner."""
+    with home.registry() as registry:
+        owner = registry.data_owner(name)
+    if owner is None or owner.revoked_at:
+        raise OffsiteError(f"--for {name!r}: no active data owner by that name; enroll it first")
+
+
+def register_bundle(home: OwnerHome, bundle: Bundle, data_owner: str, model: str) -> None:
+    """Record a signed bundle as issued to `data_owner`, so the server offers it to them alone."""
+    with home.registry() as registry:
+        registry.add_bundle(bundle.bundle_id, data_owner, bundle.path.name, str(bundle.path.resolve()),
+                            model, listing(bundle))  # fmt: skip
+
+
+def issue_bundle(
+    home: OwnerHome, data_owner: str, spec: PackageSpec, *, on_step: Callable | None = None
+) -> Bundle:
+    """`owner package-emulator --home --for`: package a bundle signed by the owner, issued to one
+    active data owner, and register it."""
+    active_data_owner(home, data_owner)
+    signer = Signer("model-owner", home.signing_key)
+    bundle = package(spec, signer=signer, extra={"issued_to": data_owner}, on_step=on_step)
+    register_bundle(home, bundle, data_owner, spec.model)
+    return bundle
+
+
+def merge_inputs(
+    home: OwnerHome, adapter: str, bundle: str | None = None
+) -> tuple[Path, Path, object, str]:
+    """(adapter dir, bundle dir, the signer's public key, model) for `owner merge-adapter --home`.
+
+    `adapter` is an adapter id from the registry (a verified upload) or an adapter directory;
+    either way the signer must be an enrolled data owner, whose registered key is returned, and
+    the bundle must be one the owner issued to that data owner.
+    """
+    with home.registry() as registry:
+        record = registry.adapter(adapter)
+        if record is not None:
+            if record["status"] != "verified":
+                raise OffsiteError(
+                    f"adapter {record['adapter_id']} was rejected: {record['reason']}"
+                )
+            path, signer, bundle_id = (
+                Path(record["path"]),
+                record["data_owner"],
+                record["bundle_id"],
+            )
+        elif Path(adapter).is_dir():
+            manifest = open_adapter(adapter).manifest
+            path, signer, bundle_id = Path(adapter), manifest.get("signer"), manifest["bundle_id"]
+            if not isinstance(signer, str):
+                raise OffsiteError(
+                    f"{adapter}: the adapter is unsigned; the registry vouches only for signed adapters"
+                )
+        else:
+            raise OffsiteError(
+                f"--adapter {adapter!r}: no such adapter id in {home.root} (see `owner adapters`) and no such directory"
+            )
+        owner = registry.data_owner(signer)
+        if owner is None:
+            raise OffsiteError(f"{path}: signed by {signer!r}, who is not enrolled in {home.root}")
+        issued = registry.bundle(bundle_id)
+    if issued is None or issued["data_owner"] != signer:
+        raise OffsiteError(
+            f"{path}: bundle {bundle_id[:19]}… was not issued to {signer!r} by this home"
+        )
+    if bundle is not None and open_bundle(bundle).bundle_id != bundle_id:
+        raise OffsiteError(f"--bundle {bundle}: not the bundle the adapter was trained from")
+    key = load_public(owner.signing_key.encode(), f"{home.root} registry entry of {signer}")
+    return path, Path(bundle or issued["path"]), key, issued["model"]

@@ -16,7 +16,9 @@ from typing import Any
 
 from offsite.errors import OffsiteError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# schema version -> the statements that bring a registry of that version to the next one
+_MIGRATIONS = {1: "ALTER TABLE uploads ADD COLUMN touched REAL NOT NULL DEFAULT 0"}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS data_owners (
@@ -27,7 +29,7 @@ CREATE TABLE IF NOT EXISTS bundles (
     name TEXT NOT NULL, path TEXT NOT NULL, model TEXT NOT NULL, files TEXT NOT NULL, issued_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS uploads (
     upload_id TEXT PRIMARY KEY, data_owner TEXT NOT NULL, bundle_id TEXT NOT NULL,
-    files TEXT NOT NULL, state TEXT NOT NULL, created_at TEXT NOT NULL);
+    files TEXT NOT NULL, state TEXT NOT NULL, created_at TEXT NOT NULL, touched REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS adapters (
     adapter_id TEXT PRIMARY KEY, upload_id TEXT NOT NULL, data_owner TEXT NOT NULL, bundle_id TEXT NOT NULL,
     path TEXT NOT NULL, status TEXT NOT NULL, reason TEXT NOT NULL, received_at TEXT NOT NULL);
@@ -63,8 +65,15 @@ class Registry:
             self._db.execute(
                 "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
-        version = self._one("SELECT value FROM meta WHERE key='schema_version'")["value"]
-        if int(version) != SCHEMA_VERSION:
+        version = int(self._one("SELECT value FROM meta WHERE key='schema_version'")["value"])
+        while version in _MIGRATIONS:
+            with self._lock:
+                self._db.execute(_MIGRATIONS[version])
+                version += 1
+                self._db.execute(
+                    "UPDATE meta SET value=? WHERE key='schema_version'", (str(version),)
+                )
+        if version != SCHEMA_VERSION:
             raise OffsiteError(
                 f"{path}: registry schema {version} is not supported (this tool uses {SCHEMA_VERSION})"
             )
@@ -142,13 +151,21 @@ class Registry:
     ) -> dict[str, Any]:
         """Create the upload record, or return the existing one (a client resuming)."""
         with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO uploads VALUES (?, ?, ?, ?, 'open', ?)",
-                             (upload_id, data_owner, bundle_id, json.dumps(files), now()))  # fmt: skip
+            self._db.execute("INSERT OR IGNORE INTO uploads VALUES (?, ?, ?, ?, 'open', ?, ?)",
+                             (upload_id, data_owner, bundle_id, json.dumps(files), now(), time.time()))  # fmt: skip
         return self.upload(upload_id)
 
     def upload(self, upload_id: str) -> dict[str, Any] | None:
         row = self._one("SELECT * FROM uploads WHERE upload_id=?", (upload_id,))
         return {**dict(row), "files": json.loads(row["files"])} if row else None
+
+    def uploads_in_state(self, state: str) -> list[dict[str, Any]]:
+        rows = self._all("SELECT * FROM uploads WHERE state=? ORDER BY created_at", (state,))
+        return [{**dict(r), "files": json.loads(r["files"])} for r in rows]
+
+    def touch_upload(self, upload_id: str) -> None:
+        """Record activity on an upload (stale open uploads expire)."""
+        self._run("UPDATE uploads SET touched=? WHERE upload_id=?", (time.time(), upload_id))
 
     def set_upload_state(self, upload_id: str, state: str) -> None:
         self._run("UPDATE uploads SET state=? WHERE upload_id=?", (state, upload_id))
@@ -164,7 +181,8 @@ class Registry:
         status: str,
         reason: str,
     ) -> None:
-        self._run("INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        # INSERT, never REPLACE: a recorded adapter (verified or rejected) is never overwritten
+        self._run("INSERT OR IGNORE INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                   (adapter_id, upload_id, data_owner, bundle_id, path, status, reason, now()))  # fmt: skip
 
     def adapter(self, adapter_id: str) -> dict[str, Any] | None:
@@ -172,6 +190,10 @@ class Registry:
         if len(rows) > 1:
             raise OffsiteError(f"adapter id {adapter_id!r} is ambiguous; give more characters")
         return dict(rows[0]) if rows else None
+
+    def adapter_exact(self, adapter_id: str) -> dict[str, Any] | None:
+        row = self._one("SELECT * FROM adapters WHERE adapter_id=?", (adapter_id,))
+        return dict(row) if row else None
 
     def adapters(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._all("SELECT * FROM adapters ORDER BY received_at")]

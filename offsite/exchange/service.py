@@ -13,51 +13,43 @@ import math
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from offsite.artefacts.adapter import (
     ADAPTER_MANIFEST,
-    ADAPTER_SIGNATURE,
     WEIGHTS_NAME,
     open_adapter,
     spec_from_bundle,
     verify_adapter_for_bundle,
 )
-from offsite.artefacts.bundle import open_bundle
+from offsite.artefacts.bundle import Bundle, open_bundle
 from offsite.artefacts.manifest import is_safe_name
 from offsite.artefacts.signing import load_public
+from offsite.artefacts.tensorcheck import TensorSpec
 from offsite.atomic import atomic_directory, sha256_file
 from offsite.errors import OffsiteError
 from offsite.exchange.home import OwnerHome
 from offsite.exchange.pki import cert_fingerprint
+from offsite.exchange.protocol import (
+    ADAPTER_FILES,
+    CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    PROTOCOL_VERSION,
+    BadRequest,
+    Busy,
+    NotFound,
+    Unauthenticated,
+)
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
-CHUNK_BYTES = 1 << 20
-MAX_CHUNK_BYTES = 1 << 20
-ADAPTER_FILES = (WEIGHTS_NAME, ADAPTER_MANIFEST, ADAPTER_SIGNATURE)
 _MANIFEST_LIMIT = 16 << 20
 _FSYNC_EVERY = 16 << 20
-
-
-class Unauthenticated(OffsiteError):
-    """The caller's certificate is unknown, revoked or replaced."""
-
-
-class AccessDenied(OffsiteError):
-    """The caller may not touch this bundle or upload."""
-
-
-class NotFound(OffsiteError):
-    """No such bundle, file or upload (for this caller)."""
-
-
-class BadRequest(OffsiteError):
-    """A malformed request: unsafe name, oversized chunk, wrong offset, wrong protocol version."""
 
 
 def _upload_id(identity: str, bundle_id: str, files: list[dict]) -> str:
@@ -68,17 +60,43 @@ def _upload_id(identity: str, bundle_id: str, files: list[dict]) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class ServiceLimits:
+    """What one server grants: calls at once (all callers, and per data owner), idle streams, staging."""
+
+    max_calls: int = 32  # concurrent RPCs in all (= worker threads); more are refused, not queued
+    max_calls_per_identity: int = 8  # so one data owner can never hold every worker
+    idle_stream_s: float = 60.0  # a Write stream that sends nothing this long is cancelled
+    max_open_uploads: int = 4  # per data owner
+    max_staged_bytes: int = 4 << 30  # per data owner: announced bytes of its open uploads
+    upload_ttl_s: float = 24 * 3600.0  # open uploads untouched this long are removed
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_calls_per_identity <= self.max_calls:
+            raise OffsiteError("max_calls_per_identity must be between 1 and max_calls")
+        if (
+            min(self.idle_stream_s, self.upload_ttl_s) <= 0
+            or min(self.max_open_uploads, self.max_staged_bytes) < 1
+        ):
+            raise OffsiteError("service limits must be positive")
+
+
 class OwnerService:
     """The owner's exchange service over an owner home; safe to call from many threads."""
 
-    def __init__(self, home: OwnerHome, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(
+        self, home: OwnerHome, chunk_bytes: int = CHUNK_BYTES, limits: ServiceLimits | None = None
+    ) -> None:
         if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
             raise OffsiteError(f"chunk size must be 1..{MAX_CHUNK_BYTES} bytes")
         self.home = home
         self.registry = home.registry()
         self.chunk_bytes = chunk_bytes
+        self.limits = limits or ServiceLimits()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._bundles: dict[str, tuple[Bundle, TensorSpec]] = {}  # verified once per process
+        self.expire_uploads()
 
     def close(self) -> None:
         self.registry.close()
@@ -135,15 +153,13 @@ class OwnerService:
     # uploads
     def begin_upload(self, identity: str, bundle_id: str, files: list[dict]) -> dict:
         """Record an announced upload (or find the same one again) and report what is committed."""
-        record = self._bundle_for(identity, bundle_id)
+        self._bundle_for(identity, bundle_id)
         names = sorted(f["name"] for f in files)
         if names != sorted(ADAPTER_FILES):
             raise BadRequest(
                 f"an adapter upload must contain exactly {', '.join(sorted(ADAPTER_FILES))}"
             )
-        limit = sum(
-            _nbytes(d, s) for d, s in spec_from_bundle(open_bundle(record["path"])).values()
-        ) + (1 << 20)
+        limit = sum(_nbytes(d, s) for d, s in self._bundle(bundle_id)[1].values()) + (1 << 20)
         for f in files:
             cap = limit if f["name"] == WEIGHTS_NAME else _MANIFEST_LIMIT
             if not 0 <= f["size"] <= cap or len(f["sha256"]) != 64:
@@ -151,10 +167,57 @@ class OwnerService:
                     f"{f['name']}: announced size {f['size']} or sha256 is not acceptable (limit {cap} bytes)"
                 )
         upload_id = _upload_id(identity, bundle_id, files)
+        self.expire_uploads()
+        existing = self.registry.upload(upload_id)
+        if existing is None or existing["state"] == "expired":
+            self._check_quota(identity, sum(f["size"] for f in files))
         self.registry.open_upload(upload_id, identity, bundle_id, files)
-        (self.home.uploads / upload_id).mkdir(parents=True, exist_ok=True)
+        if existing is not None and existing["state"] == "expired":  # started again from zero
+            self.registry.set_upload_state(upload_id, "open")
+        if self.registry.upload(upload_id)["state"] == "open":  # a committed one needs no folder
+            (self.home.uploads / upload_id).mkdir(parents=True, exist_ok=True)
+            self.registry.touch_upload(upload_id)
         log.info("%s began upload %s for bundle %s", identity, upload_id, bundle_id[:19])
         return self.upload_status(identity, upload_id)
+
+    def _bundle(self, bundle_id: str) -> tuple[Bundle, TensorSpec]:
+        """The issued bundle (hashes checked once per process) and the adapter spec it implies."""
+        with self._locks_guard:
+            cached = self._bundles.get(bundle_id)
+        if cached is None:
+            bundle = open_bundle(self.registry.bundle(bundle_id)["path"])
+            cached = (bundle, spec_from_bundle(bundle))
+            with self._locks_guard:
+                self._bundles[bundle_id] = cached
+        return cached
+
+    def _check_quota(self, identity: str, size: int) -> None:
+        mine = [u for u in self.registry.uploads_in_state("open") if u["data_owner"] == identity]
+        if len(mine) >= self.limits.max_open_uploads:
+            raise Busy(
+                f"{identity} has {len(mine)} open uploads (limit {self.limits.max_open_uploads}); "
+                "finish one or wait until stale ones expire"
+            )
+        staged = sum(f["size"] for u in mine for f in u["files"])
+        if staged + size > self.limits.max_staged_bytes:
+            raise Busy(
+                f"{identity} would stage {staged + size} bytes (limit {self.limits.max_staged_bytes})"
+            )
+
+    def expire_uploads(self, now: float | None = None) -> list[str]:
+        """Remove open uploads untouched for longer than the limits allow, and leftover folders."""
+        now = time.time() if now is None else now
+        expired = []
+        for u in self.registry.uploads_in_state("open"):
+            if now - u["touched"] > self.limits.upload_ttl_s:
+                shutil.rmtree(self.home.uploads / u["upload_id"], ignore_errors=True)
+                self.registry.set_upload_state(u["upload_id"], "expired")
+                expired.append(u["upload_id"])
+        open_ids = {u["upload_id"] for u in self.registry.uploads_in_state("open")}
+        for folder in self.home.uploads.iterdir() if self.home.uploads.is_dir() else []:
+            if folder.name not in open_ids:
+                shutil.rmtree(folder, ignore_errors=True)
+        return expired
 
     def _upload(self, identity: str, upload_id: str) -> dict:
         if not upload_id.isalnum():
@@ -166,6 +229,12 @@ class OwnerService:
 
     def upload_status(self, identity: str, upload_id: str) -> dict:
         upload = self._upload(identity, upload_id)
+        if upload["state"] == "committed":  # received in full before: nothing left to send
+            files = [
+                {"name": f["name"], "committed": f["size"], "complete": True}
+                for f in upload["files"]
+            ]
+            return {"upload_id": upload_id, "files": files}
         root = self.home.uploads / upload_id
         files = []
         for f in upload["files"]:
@@ -184,6 +253,11 @@ class OwnerService:
     ) -> dict:
         """Append (file, offset, data) chunks; each must start at the file's committed size."""
         upload = self._upload(identity, upload_id)
+        if upload["state"] != "open":
+            raise BadRequest(
+                f"upload {upload_id} is {upload['state']}; nothing more can be written to it"
+            )
+        self.registry.touch_upload(upload_id)
         announced = {f["name"]: f for f in upload["files"]}
         root = self.home.uploads / upload_id
         for name, offset, data in chunks:
@@ -230,24 +304,39 @@ class OwnerService:
         missing = [f["name"] for f in upload["files"] if not (root / f["name"]).is_file()]
         if missing:
             raise BadRequest(f"upload {upload_id} is not complete: {', '.join(missing)}")
-        adapter_id = hashlib.sha256((root / ADAPTER_MANIFEST).read_bytes()).hexdigest()[:32]
+        # one record per (adapter, data owner, bundle): another identity's copy, or the same adapter
+        # against another bundle, gets a record of its own and never touches this one
+        manifest_sha = hashlib.sha256((root / ADAPTER_MANIFEST).read_bytes()).hexdigest()
+        key = json.dumps([manifest_sha, identity, upload["bundle_id"]])
+        adapter_id = hashlib.sha256(key.encode()).hexdigest()[:32]
+        existing = self.registry.adapter_exact(adapter_id)
+        if existing is not None:
+            self.registry.set_upload_state(upload_id, "committed")
+            shutil.rmtree(root, ignore_errors=True)
+            return {
+                "adapter_id": adapter_id,
+                "status": existing["status"],
+                "reason": existing["reason"],
+            }
         status, reason, path = "verified", "", self.home.adapters / adapter_id
         try:
             self._verify(identity, upload["bundle_id"], root)
-        except OffsiteError as e:
-            status, reason, path = "rejected", str(e).replace(str(root), "upload"), root
-        if status == "verified" and not path.exists():
-            with atomic_directory(path) as tmp:
+        except (OffsiteError, RecursionError) as e:
+            reason = (
+                str(e).replace(str(root), "upload")
+                if isinstance(e, OffsiteError)
+                else "manifest nested too deeply"
+            )
+            status, path = "rejected", Path("")
+        if status == "verified":
+            with atomic_directory(path, overwrite=True) as tmp:
                 for name in ADAPTER_FILES:
                     shutil.copy2(root / name, tmp / name)
         self.registry.add_adapter(
             adapter_id, upload_id, identity, upload["bundle_id"], str(path), status, reason
         )
         self.registry.set_upload_state(upload_id, "committed")
-        if (
-            status == "verified"
-        ):  # the adapter now lives in adapters/; rejected uploads stay as evidence
-            shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)  # the registry keeps the reason of a rejection
         log.info("%s committed adapter %s: %s %s", identity, adapter_id, status, reason)
         return {"adapter_id": adapter_id, "status": status, "reason": reason}
 
@@ -263,8 +352,9 @@ class OwnerService:
         adapter.verify_signature(
             load_public(owner.signing_key.encode(), f"registry key of {identity}")
         )
-        bundle = open_bundle(self._bundle_for(identity, bundle_id)["path"])
-        verify_adapter_for_bundle(adapter, bundle)
+        self._bundle_for(identity, bundle_id)
+        bundle, spec = self._bundle(bundle_id)
+        verify_adapter_for_bundle(adapter, bundle, spec)
 
 
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:

@@ -8,6 +8,7 @@ position in a way that renumbering cannot preserve.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -27,6 +28,9 @@ class ArchSpec:
     per_layer_lists: tuple[str, ...] = ("layer_types",)
     # config attribute -> value under which a dropped/renumbered block would change behaviour
     position_dependent: dict[str, object] = field(default_factory=dict)
+    # module class name holding a block's matmul weights -> the weight axis that indexes outputs
+    # (nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out])
+    matmuls: dict[str, int] = field(default_factory=lambda: {"Linear": 0})
 
 
 _DECODER = ArchSpec(blocks="model.layers")
@@ -45,6 +49,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         blocks="transformer.h",
         depth_attr="n_layer",
         position_dependent={"scale_attn_by_inverse_layer_idx": True},
+        matmuls={"Conv1D": 1},
     ),
     "gpt_neox": ArchSpec(blocks="gpt_neox.layers"),
     "bloom": ArchSpec(blocks="transformer.h", depth_attr="n_layer"),
@@ -92,6 +97,17 @@ def get_blocks(model: nn.Module) -> nn.ModuleList:
     if not isinstance(blocks, nn.ModuleList):
         raise OffsiteError(f"{type(model).__name__}.{spec.blocks} is not a ModuleList")
     return blocks
+
+
+def block_matmuls(model: nn.Module, positions: list[int]) -> Iterator[tuple[nn.Module, int]]:
+    """(module, output axis of its weight) for every matmul-weight module in the blocks at `positions`."""
+    matmuls = arch_spec(model.config.model_type).matmuls
+    blocks = get_blocks(model)
+    for i in positions:
+        for module in blocks[i].modules():
+            axis = matmuls.get(type(module).__name__)
+            if axis is not None:
+                yield module, axis
 
 
 def block_prefix(model_type: str) -> str:

@@ -1,6 +1,6 @@
 """FLOP count of a fine-tuning step, per token: forward, activation gradients and weight gradients.
 
-Counts matrix multiplies only (2 FLOPs per multiply-add): every nn.Linear in a block, the LM
+Counts matrix multiplies only (2 FLOPs per multiply-add): every matmul module of a block (the registry says which), the LM
 head, and attention's two score matmuls (QK^T and AV, full square, both operands' gradients in
 the backward pass). Norms, activations and the embedding lookup are ignored.
 """
@@ -8,33 +8,33 @@ the backward pass). Norms, activations and the embedding lookup are ignored.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM
 
-from offsite.emulator.plan import SplitPlan
-from offsite.models.architectures import get_blocks
+from offsite.models.architectures import block_matmuls, num_blocks
 
 
-def _linear_macs(module) -> int:
-    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+def _matmul_macs(model, position: int) -> int:
+    return sum(module.weight.numel() for module, _ in block_matmuls(model, [position]))
 
 
 def block_costs(config, seq_len: int) -> tuple[float, float, float]:
     """(weight matmul FLOPs, attention score FLOPs, LM head FLOPs) per token, forward only."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    block = get_blocks(model)[0]
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     attention = 2 * 2 * seq_len * heads * head_dim
     head = (
         2 * model.get_output_embeddings().in_features * model.get_output_embeddings().out_features
     )
-    return 2.0 * _linear_macs(block), float(attention), float(head)
+    return 2.0 * _matmul_macs(model, 0), float(attention), float(head)
 
 
-def finetune_flops_per_token(config, plan: SplitPlan, seq_len: int) -> dict[str, dict[str, float]]:
-    """FLOPs per token of offsite fine-tuning (emulator, adapter trainable) and full fine-tuning."""
+def finetune_flops_per_token(
+    config, *, emulator_depth: int, adapter_blocks: int, seq_len: int
+) -> dict[str, dict[str, float]]:
+    """FLOPs per token of offsite fine-tuning (an emulator of `emulator_depth` blocks, of which
+    `adapter_blocks` train) and of full fine-tuning."""
     weights, attention, head = block_costs(config, seq_len)
     block_fwd = weights + attention
 
@@ -47,6 +47,6 @@ def finetune_flops_per_token(config, plan: SplitPlan, seq_len: int) -> dict[str,
                 "total": forward + activation + weight}  # fmt: skip
 
     return {
-        "offsite": cost(len(plan.emulator_order), len(plan.adapter), head_trained=False),
-        "full": cost(plan.num_layers, plan.num_layers, head_trained=True),
+        "offsite": cost(emulator_depth, adapter_blocks, head_trained=False),
+        "full": cost(num_blocks(config), num_blocks(config), head_trained=True),
     }

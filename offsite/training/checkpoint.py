@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,81 @@ from offsite.errors import OffsiteError
 
 CHECKPOINT_FORMAT_VERSION = 1
 LATEST = "latest"
+BEST = "best"
+MARKER = (
+    "offsite_checkpoints.json"  # says the folder is ours: only then is anything removed from it
+)
+_OURS = (LATEST, BEST, MARKER)
+
+
+def claim_checkpoint_dir(root: Path) -> None:
+    """Make `root` a checkpoint folder of ours, refusing a non-empty folder that holds none."""
+    if root.exists() and not root.is_dir():
+        raise OffsiteError(
+            f"{root}: exists and is not a directory; choose another --checkpoint-dir"
+        )
+    if root.is_dir() and not (root / MARKER).is_file() and any(root.iterdir()):
+        raise OffsiteError(
+            f"{root}: folder holds files that are not offsite checkpoints; choose an empty or new --checkpoint-dir"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / MARKER).is_file():
+        write_json_atomic(
+            root / MARKER,
+            {"format": "offsite-tuning/checkpoints", "format_version": CHECKPOINT_FORMAT_VERSION},
+        )
+
+
+def remove_checkpoints(root: Path) -> None:
+    """Remove what our runs wrote into `root` (nothing else), and `root` itself once it is empty."""
+    if not (root / MARKER).is_file():
+        return
+    for name in _OURS:
+        path = root / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only succeeds when nothing of anyone else's is left
+
+
+class BestWeights:
+    """The trainable weights with the lowest validation perplexity so far (also on disk, if a folder is given).
+
+    A previous run's best weights are adopted only when resuming that same run (same run key).
+    """
+
+    def __init__(self, root: Path | None, run_key: dict, resume: bool) -> None:
+        self.root, self.run_key = root, run_key
+        self.state, self.step, self.perplexity = None, None, math.inf
+        info_path = root / BEST / "best.json" if root is not None else None
+        if resume and info_path is not None and info_path.is_file():
+            info = json.loads(info_path.read_text())
+            if info.get("run_key") == run_key:
+                self.step, self.perplexity = info["step"], info["val_perplexity"]
+                self.state = load_file(str(root / BEST / "weights.safetensors"))
+
+    def offer(self, model: nn.Module, step: int, perplexity: float, is_main: bool) -> None:
+        if not perplexity < self.perplexity:
+            return
+        self.step, self.perplexity = step, perplexity
+        self.state = {
+            n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad
+        }
+        if self.root is not None and is_main:
+            with atomic_directory(self.root / BEST, overwrite=True) as tmp:
+                save_file(self.state, str(tmp / "weights.safetensors"))
+                write_json_atomic(
+                    tmp / "best.json",
+                    {"step": step, "val_perplexity": perplexity, "run_key": self.run_key},
+                )
+
+    @torch.no_grad()
+    def restore(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for name, value in (self.state or {}).items():
+            params[name].copy_(value)
 
 
 def save_checkpoint(

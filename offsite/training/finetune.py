@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from offsite.artefacts.adapter import Adapter, block_parameters, extract_adapter, save_adapter
 from offsite.artefacts.bundle import Bundle, check_bundle_model
 from offsite.artefacts.signing import Signer
-from offsite.atomic import check_output_dir
+from offsite.atomic import check_apart, check_output_dir, check_writable
+from offsite.training.checkpoint import remove_checkpoints
 from offsite.training.data import load_data, pad_id_of, split_validation
 from offsite.training.loop import StepInfo, TrainConfig, make_accelerator, train
 
@@ -58,8 +58,12 @@ def finetune_bundle(
 ) -> Adapter | None:
     """Fine-tune the adapter of a verified bundle on local data; returns the adapter (main process)."""
     check_output_dir(job.out, job.overwrite)  # fail before hours of training, not after
+    check_apart({"--out": job.out, "--checkpoint-dir": job.checkpoints}, {"--bundle": bundle.path},
+                {"--data": job.data})  # fmt: skip
+    check_apart({"--checkpoint-dir": job.checkpoints}, {"--out": job.out})
+    check_writable(job.out)
     acc = make_accelerator(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(bundle.path)
+    tokenizer = bundle.load_tokenizer()
     data = load_data(job.data, tokenizer, job.block_size)
     train_data, val_data = split_validation(data, job.val_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -82,5 +86,5 @@ def finetune_bundle(
         state, bundle, job.out, training=summary, overwrite=job.overwrite, signer=signer
     )
     if not job.keep_checkpoints:
-        shutil.rmtree(job.checkpoints, ignore_errors=True)
+        remove_checkpoints(job.checkpoints)
     return adapter

@@ -7,24 +7,27 @@ an uninterrupted one would have.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
-from offsite.atomic import write_json_atomic
 from offsite.errors import OffsiteError
-from offsite.evaluation.perplexity import batch_nll
-from offsite.training.checkpoint import load_checkpoint, read_checkpoint_state, save_checkpoint
+from offsite.training.checkpoint import (
+    BestWeights,
+    claim_checkpoint_dir,
+    load_checkpoint,
+    read_checkpoint_state,
+    save_checkpoint,
+)
 from offsite.training.data import TokenData, collate
+from offsite.training.loss import LossFn, batch_nll, lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,18 @@ class TrainConfig:
                 raise OffsiteError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
         if self.max_steps is not None and self.max_steps < 1:
             raise OffsiteError(f"--max-steps must be at least 1 (got {self.max_steps})")
+        for name in ("learning_rate", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise OffsiteError(
+                    f"--{name.replace('_', '-')} must be a finite number (got {value})"
+                )
         if not self.learning_rate > 0:
             raise OffsiteError(f"--learning-rate must be positive (got {self.learning_rate})")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise OffsiteError(
+                f"--weight-decay and --max-grad-norm must be >= 0 (got {self.weight_decay}, {self.max_grad_norm})"
+            )
         if self.lr_scheduler not in SCHEDULES:
             raise OffsiteError(
                 f"--lr-scheduler {self.lr_scheduler!r} unknown; choose one of {', '.join(SCHEDULES)}"
@@ -136,43 +149,6 @@ def _validate(acc: Accelerator, model, data: TokenData, cfg: TrainConfig, pad_id
     return math.exp(float(total[0]) / max(float(total[1]), 1.0))
 
 
-LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-
-
-def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's own next-token loss (labels shifted inside the model)."""
-    return model(**batch).loss
-
-
-class _Best:
-    """The trainable weights with the lowest validation perplexity so far (kept on disk if possible)."""
-
-    def __init__(self, root: Path | None) -> None:
-        self.root, self.state, self.step, self.perplexity = root, None, None, math.inf
-        if root is not None and (root / "best.json").is_file():
-            info = json.loads((root / "best.json").read_text())
-            self.step, self.perplexity = info["step"], info["val_perplexity"]
-            self.state = load_file(str(root / "best.safetensors"))
-
-    def offer(self, model: torch.nn.Module, step: int, perplexity: float, is_main: bool) -> None:
-        if not perplexity < self.perplexity:
-            return
-        self.step, self.perplexity = step, perplexity
-        self.state = {
-            n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad
-        }
-        if self.root is not None and is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            save_file(self.state, str(self.root / "best.safetensors"))
-            write_json_atomic(self.root / "best.json", {"step": step, "val_perplexity": perplexity})
-
-    @torch.no_grad()
-    def restore(self, model: torch.nn.Module) -> None:
-        params = dict(model.named_parameters())
-        for name, value in (self.state or {}).items():
-            params[name].copy_(value)
-
-
 def _restore_or_refuse(
     checkpoint_dir: Path | None, resume: bool, run_key: dict, model, optimizer, scheduler
 ) -> int:
@@ -203,6 +179,91 @@ def _steps_per_epoch(train_data: TokenData, cfg: TrainConfig, world: int) -> int
     return steps
 
 
+@dataclass
+class _Progress:
+    """What a run has done so far: for the step reports and the summary."""
+
+    max_steps: int
+    step: int = 0
+    tokens: int = 0
+    val_ppl: float | None = None
+    t0: float = field(default_factory=time.perf_counter)
+    history: list[dict] = field(default_factory=list)
+
+    def record(self, loss: float) -> None:
+        if not math.isfinite(loss):
+            raise OffsiteError(
+                f"the loss became {loss} at step {self.step}; lower --learning-rate (or check the data)"
+            )
+        entry = {"step": self.step, "loss": loss}
+        self.history.append({**entry, "val_perplexity": self.val_ppl} if self.val_ppl else entry)
+
+    def info(self, epoch: int, lr: float) -> StepInfo:
+        elapsed = time.perf_counter() - self.t0
+        return StepInfo(self.step, self.max_steps, epoch, self.history[-1]["loss"], lr, self.tokens,
+                        self.tokens / elapsed, self.val_ppl)  # fmt: skip
+
+
+def _micro_batches(
+    data: TokenData, cfg: TrainConfig, acc: Accelerator, start: int, per_epoch: int, pad_id: int
+):
+    """(epoch, micro-batch index, batch) from optimizer step `start` on, epoch after epoch."""
+    epoch, done = divmod(start, per_epoch)
+    while True:
+        batches = epoch_batches(len(data), cfg, epoch, acc.process_index, acc.num_processes)
+        for micro, ix in enumerate(batches[done * cfg.grad_accum :]):
+            batch = collate([data.examples[i] for i in ix], pad_id)
+            yield epoch, micro, {k: v.to(acc.device) for k, v in batch.items()}
+        epoch, done = epoch + 1, 0
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, max_steps: int):
+    """AdamW over the parameters that require grad (state for nothing else), and its schedule."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise OffsiteError("nothing to train: no parameter requires grad")
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max_steps)  # fmt: skip
+    return trainable, optimizer, scheduler
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What the per-step bookkeeping needs to know about the run."""
+
+    acc: Accelerator
+    cfg: TrainConfig
+    pad_id: int
+    val_data: TokenData | None
+    checkpoint_dir: Path | None
+    run_key: dict
+    keep_best: bool
+
+
+def _after_step(
+    ctx: _Context, run: _Progress, loss: float, model, optimizer, scheduler, best: BestWeights
+) -> None:
+    """Validate (keeping the best weights), record the loss, checkpoint: what follows an optimizer step."""
+    acc, cfg = ctx.acc, ctx.cfg
+    if ctx.val_data is not None and (
+        run.step == run.max_steps or (cfg.eval_every and run.step % cfg.eval_every == 0)
+    ):
+        run.val_ppl = _validate(acc, model, ctx.val_data, cfg, ctx.pad_id)
+        if ctx.keep_best:
+            best.offer(acc.unwrap_model(model), run.step, run.val_ppl, acc.is_main_process)
+    run.record(loss)
+    if (
+        ctx.checkpoint_dir is not None
+        and cfg.save_every
+        and run.step % cfg.save_every == 0
+        and run.step < run.max_steps
+    ):
+        if acc.is_main_process:
+            save_checkpoint(ctx.checkpoint_dir, acc.unwrap_model(model), optimizer, scheduler,
+                            {"step": run.step, "run_key": ctx.run_key})  # fmt: skip
+        acc.wait_for_everyone()
+
+
 def train(
     model: torch.nn.Module,
     train_data: TokenData,
@@ -218,119 +279,68 @@ def train(
     loss_fn: LossFn = lm_loss,
     keep_best: bool = False,
 ) -> dict:
-    """Train the parameters of `model` that require grad; returns a JSON-ready summary.
-
-    `loss_fn(model, batch)` gives the loss (default: the LM loss); with `keep_best` the weights
-    with the best validation perplexity are restored at the end.
-    """
+    """Train the parameters of `model` that require grad with `loss_fn`; returns a JSON-ready summary
+    (`keep_best`: restore the weights with the best validation perplexity at the end)."""
     acc = accelerator or make_accelerator(cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise OffsiteError("nothing to train: no parameter requires grad")
-    steps_per_epoch = _steps_per_epoch(train_data, cfg, acc.num_processes)
-    max_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max_steps
-    )
-    run_key = {
-        **(run_key or {}),
-        "data": train_data.sha256,
-        "config": {**asdict(cfg), "max_steps": None, "epochs": None},
-    }
-    step = _restore_or_refuse(checkpoint_dir, resume, run_key, model, optimizer, scheduler)
-    best = _Best(checkpoint_dir if keep_best else None)
-
+    per_epoch = _steps_per_epoch(train_data, cfg, acc.num_processes)
+    run = _Progress(cfg.max_steps or cfg.epochs * per_epoch)
+    trainable, optimizer, scheduler = _optimizer(model, cfg, run.max_steps)
+    run_key = {**(run_key or {}), "data": train_data.sha256, "config": {**asdict(cfg), "max_steps": None, "epochs": None}}  # fmt: skip
+    if checkpoint_dir is not None:
+        claim_checkpoint_dir(checkpoint_dir)
+    run.step = _restore_or_refuse(checkpoint_dir, resume, run_key, model, optimizer, scheduler)
+    best = BestWeights(checkpoint_dir if keep_best else None, run_key, resume)
     model.train()
     model, optimizer = acc.prepare(model, optimizer)
-    history: list[dict] = []
-    tokens, t0, val_ppl, losses = 0, time.perf_counter(), None, []
-    while step < max_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        batches = epoch_batches(len(train_data), cfg, epoch, acc.process_index, acc.num_processes)
-        for micro, ix in enumerate(batches[done_in_epoch * cfg.grad_accum :]):
-            batch = {
-                k: v.to(acc.device)
-                for k, v in collate([train_data.examples[i] for i in ix], pad_id).items()
-            }
-            with acc.accumulate(model), acc.autocast():
-                loss = loss_fn(model, batch)
-                acc.backward(loss)
-                if acc.sync_gradients and cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            tokens += int(batch["attention_mask"].sum()) * acc.num_processes
-            losses.append(float(loss.detach()))
-            if (micro + 1) % cfg.grad_accum:
-                continue
-            scheduler.step()
-            step += 1
-            step_loss = float(
-                acc.reduce(torch.tensor(sum(losses) / len(losses), device=acc.device), "mean")
-            )
-            losses = []
-            if val_data is not None and (
-                step == max_steps or (cfg.eval_every and step % cfg.eval_every == 0)
-            ):
-                val_ppl = _validate(acc, model, val_data, cfg, pad_id)
-                if keep_best:
-                    best.offer(acc.unwrap_model(model), step, val_ppl, acc.is_main_process)
-            history.append(
-                {
-                    "step": step,
-                    "loss": step_loss,
-                    **({"val_perplexity": val_ppl} if val_ppl else {}),
-                }
-            )
-            if (
-                checkpoint_dir is not None
-                and cfg.save_every
-                and step % cfg.save_every == 0
-                and step < max_steps
-            ):
-                if acc.is_main_process:
-                    save_checkpoint(
-                        checkpoint_dir,
-                        acc.unwrap_model(model),
-                        optimizer,
-                        scheduler,
-                        {"step": step, "run_key": run_key},
-                    )
-                acc.wait_for_everyone()
-            if on_step and acc.is_main_process:
-                elapsed = time.perf_counter() - t0
-                on_step(
-                    StepInfo(
-                        step,
-                        max_steps,
-                        epoch,
-                        step_loss,
-                        scheduler.get_last_lr()[0],
-                        tokens,
-                        tokens / elapsed,
-                        val_ppl,
-                    )
-                )
-            if step >= max_steps:
-                break
+    ctx = _Context(acc, cfg, pad_id, val_data, checkpoint_dir, run_key, keep_best)
+    losses: list[float] = []
+    for epoch, micro, batch in _micro_batches(train_data, cfg, acc, run.step, per_epoch, pad_id):
+        if run.step >= run.max_steps:
+            break
+        with acc.accumulate(model), acc.autocast():
+            loss = loss_fn(model, batch)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        run.tokens += int(batch["attention_mask"].sum()) * acc.num_processes
+        losses.append(float(loss.detach()))
+        if (micro + 1) % cfg.grad_accum:
+            continue
+        scheduler.step()
+        run.step += 1
+        step_loss = float(
+            acc.reduce(torch.tensor(sum(losses) / len(losses), device=acc.device), "mean")
+        )
+        losses = []
+        _after_step(ctx, run, step_loss, model, optimizer, scheduler, best)
+        if on_step and acc.is_main_process:
+            on_step(run.info(epoch, scheduler.get_last_lr()[0]))
     acc.wait_for_everyone()
     if keep_best and best.state is not None:
         best.restore(acc.unwrap_model(model))
+    return _summary(
+        run, cfg, train_data, val_data, best if keep_best else None, acc.num_processes, per_epoch
+    )
+
+
+def _summary(run: _Progress, cfg: TrainConfig, train_data: TokenData, val_data: TokenData | None,
+             best: BestWeights | None, processes: int, per_epoch: int) -> dict:  # fmt: skip
     return {
-        "steps": step,
-        "max_steps": max_steps,
-        "steps_per_epoch": steps_per_epoch,
+        "steps": run.step,
+        "max_steps": run.max_steps,
+        "steps_per_epoch": per_epoch,
         "train_examples": len(train_data),
         "val_examples": len(val_data) if val_data is not None else 0,
-        "final_loss": history[-1]["loss"] if history else None,
-        "val_perplexity": val_ppl,
-        "best_step": best.step if keep_best else None,
-        "best_val_perplexity": best.perplexity if keep_best and best.state is not None else None,
-        "tokens_this_run": tokens,
-        "seconds_this_run": round(time.perf_counter() - t0, 3),
-        "processes": acc.num_processes,
+        "final_loss": run.history[-1]["loss"] if run.history else None,
+        "val_perplexity": run.val_ppl,
+        "best_step": best.step if best else None,
+        "best_val_perplexity": best.perplexity if best and best.state is not None else None,
+        "tokens_this_run": run.tokens,
+        "seconds_this_run": round(time.perf_counter() - run.t0, 3),
+        "processes": processes,
         "data_sha256": train_data.sha256,
         "config": asdict(cfg),
-        "history": history,
+        "history": run.history,
     }

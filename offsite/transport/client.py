@@ -28,13 +28,12 @@ from pathlib import Path
 import grpc
 
 from offsite.artefacts.adapter import ADAPTER_MANIFEST, open_adapter
-from offsite.artefacts.bundle import open_bundle
+from offsite.artefacts.bundle import Bundle, open_bundle
 from offsite.artefacts.manifest import is_safe_name
-from offsite.artefacts.signing import load_public
 from offsite.atomic import sha256_file
 from offsite.errors import OffsiteError, VerificationError
 from offsite.exchange.credentials import Credentials
-from offsite.exchange.service import ADAPTER_FILES, CHUNK_BYTES, MAX_CHUNK_BYTES, PROTOCOL_VERSION
+from offsite.exchange.protocol import ADAPTER_FILES, CHUNK_BYTES, MAX_CHUNK_BYTES, PROTOCOL_VERSION
 from offsite.transport import CHANNEL_OPTIONS, INSECURE_IDENTITY_HEADER
 from offsite.transport.convert import bundle_from_proto, commit_from_proto, upload_status_from_proto
 from offsite.transport.v1 import offsite_pb2 as pb
@@ -197,14 +196,7 @@ class OwnerClient:
     def _check_bundle(self, path: Path, hashed: dict[str, str]) -> None:
         bundle = open_bundle(path, hashed)
         if self.credentials is not None:
-            bundle.verify_signature(
-                load_public(self.credentials.owner_public_key.encode(), "credentials")
-            )
-            issued = bundle.manifest.get("issued_to")
-            if issued != self.credentials.name:
-                raise VerificationError(
-                    f"{path}: bundle is issued to {issued!r}, not to {self.credentials.name!r}"
-                )
+            self.credentials.check_bundle(bundle)
 
     def _fetch_file(self, bundle_id: str, f: dict, staging: Path, on_bytes) -> str:
         """Download one file (resuming its .part), hashing as it arrives; returns its sha256."""
@@ -343,3 +335,36 @@ def connect(
         yield OwnerClient(channel, credentials, metadata, retry or RetryPolicy(), chunk_bytes)
     finally:
         channel.close()
+
+
+def pick_bundle(bundles: list[dict], bundle_id: str | None) -> dict:
+    """The listed bundle with `bundle_id` (with or without its sha256: prefix), else the newest."""
+    if bundle_id:
+        match = [b for b in bundles if b["bundle_id"] in (bundle_id, f"sha256:{bundle_id}")]
+        if not match:
+            raise OffsiteError(
+                f"--bundle-id {bundle_id}: not among the {len(bundles)} bundles issued to you"
+            )
+        return match[0]
+    if not bundles:
+        raise OffsiteError("the model owner has issued no bundle to you yet")
+    return bundles[-1]
+
+
+def fetch(
+    owner: OwnerClient,
+    bundle_id: str | None,
+    out: Path,
+    on_bytes: Callable[[int], None] | None = None,
+) -> Bundle:
+    """`data-owner fetch`: download a bundle issued to us (resumable), verified before it is in place."""
+    info = pick_bundle(owner.list_bundles(), bundle_id)
+    owner.fetch_bundle(info["bundle_id"], out, on_bytes=on_bytes)
+    return open_bundle(out)
+
+
+def submit(
+    owner: OwnerClient, adapter: Path, on_bytes: Callable[[int], None] | None = None
+) -> dict:
+    """`data-owner submit`: upload a signed adapter (resumable); the owner verifies it on arrival."""
+    return owner.submit_adapter(adapter, on_bytes=on_bytes)

@@ -6,21 +6,26 @@ import contextlib
 import functools
 import itertools
 import logging
-from collections.abc import Iterator
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent import futures
 
 import grpc
 
 from offsite.errors import OffsiteError
+from offsite.exchange.home import OwnerHome
 from offsite.exchange.pki import common_name
-from offsite.exchange.service import (
+from offsite.exchange.protocol import (
+    CHUNK_BYTES,
     PROTOCOL_VERSION,
     AccessDenied,
     BadRequest,
+    Busy,
     NotFound,
-    OwnerService,
     Unauthenticated,
 )
+from offsite.exchange.service import OwnerService
 from offsite.transport import CHANNEL_OPTIONS, INSECURE_IDENTITY_HEADER
 from offsite.transport.convert import bundle_to_proto, commit_to_proto, upload_status_to_proto
 from offsite.transport.v1 import offsite_pb2 as pb
@@ -30,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _CODES = [(Unauthenticated, grpc.StatusCode.UNAUTHENTICATED), (AccessDenied, grpc.StatusCode.PERMISSION_DENIED),
           (NotFound, grpc.StatusCode.NOT_FOUND), (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
+          (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED),
           (OffsiteError, grpc.StatusCode.FAILED_PRECONDITION)]  # fmt: skip
 
 
@@ -48,12 +54,15 @@ def _refusals(name: str, context) -> Iterator[None]:
 
 
 def _rpc(method):
-    """Authenticate the caller, log the call, and turn library errors into gRPC status codes."""
+    """Authenticate the caller (within its share of the server), log the call, and turn library
+    errors into gRPC status codes."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):
         with _refusals(method.__name__, context):
-            return method(self, self.caller(context, method.__name__), request, context)
+            identity = self.caller(context, method.__name__)
+            with self.slots.hold(identity):
+                return method(self, identity, request, context)
 
     return wrapper
 
@@ -64,9 +73,53 @@ def _stream_rpc(method):
     @functools.wraps(method)
     def wrapper(self, request, context):
         with _refusals(method.__name__, context):
-            yield from method(self, self.caller(context, method.__name__), request, context)
+            identity = self.caller(context, method.__name__)
+            with self.slots.hold(identity):
+                yield from method(self, identity, request, context)
 
     return wrapper
+
+
+class _Slots:
+    """Calls in flight per identity, capped so that one data owner never holds every worker."""
+
+    def __init__(self, per_identity: int) -> None:
+        self.per_identity, self._busy, self._lock = per_identity, Counter(), threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, identity: str) -> Iterator[None]:
+        with self._lock:
+            if self._busy[identity] >= self.per_identity:
+                raise Busy(
+                    f"{identity} already has {self.per_identity} calls in flight; retry later"
+                )
+            self._busy[identity] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy[identity] -= 1
+
+
+def _idle_watchdog(messages: Iterator, context, idle_s: float) -> Iterator:
+    """Pass the stream's messages on; cancel the call when none arrives for `idle_s` seconds."""
+    timer: threading.Timer | None = None
+
+    def arm() -> None:
+        nonlocal timer
+        if timer is not None:
+            timer.cancel()
+        timer = threading.Timer(idle_s, context.cancel)
+        timer.daemon = True
+        timer.start()
+
+    arm()
+    try:
+        for message in messages:
+            arm()
+            yield message
+    finally:
+        timer.cancel()
 
 
 class OffsiteServicer(pb_grpc.OffsiteServicer):
@@ -75,6 +128,7 @@ class OffsiteServicer(pb_grpc.OffsiteServicer):
     def __init__(self, service: OwnerService, insecure: bool = False) -> None:
         self.service = service
         self.insecure = insecure
+        self.slots = _Slots(service.limits.max_calls_per_identity)
 
     def caller(self, context, method: str) -> str:
         """The authenticated identity of the caller, logged with the method it calls."""
@@ -119,6 +173,9 @@ class OffsiteServicer(pb_grpc.OffsiteServicer):
 
     @_rpc
     def Write(self, identity, request_iterator, context):
+        request_iterator = _idle_watchdog(
+            request_iterator, context, self.service.limits.idle_stream_s
+        )
         first = next(request_iterator, None)
         if first is None:
             raise BadRequest("empty write stream")
@@ -144,10 +201,16 @@ class OffsiteServicer(pb_grpc.OffsiteServicer):
 
 
 def start_server(
-    service: OwnerService, listen: str, *, insecure: bool = False, workers: int = 32
+    service: OwnerService, listen: str, *, insecure: bool = False
 ) -> tuple[grpc.Server, int]:
-    """Start serving on `listen` (host:port; port 0 picks one); returns the server and its port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
+    """Start serving on `listen` (host:port; port 0 picks one); returns the server and its port.
+
+    As many worker threads as `service.limits.max_calls`; calls beyond that are refused with
+    RESOURCE_EXHAUSTED (clients retry with backoff) instead of queueing behind idle streams.
+    """
+    workers = service.limits.max_calls
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS,
+                         maximum_concurrent_rpcs=workers)  # fmt: skip
     pb_grpc.add_OffsiteServicer_to_server(OffsiteServicer(service, insecure), server)
     if insecure:
         log.warning(
@@ -163,3 +226,24 @@ def start_server(
         raise OffsiteError(f"cannot listen on {listen}: address in use or invalid")
     server.start()
     return server, port
+
+
+def serve(
+    home: OwnerHome,
+    listen: str,
+    stop: threading.Event,
+    *,
+    insecure: bool = False,
+    chunk_bytes: int = CHUNK_BYTES,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """`owner serve`: serve `home`'s bundles on `listen` until `stop` is set, then shut down cleanly."""
+    service = OwnerService(home, chunk_bytes=chunk_bytes)
+    try:
+        server, port = start_server(service, listen, insecure=insecure)
+        if on_ready:
+            on_ready(f"{listen.rsplit(':', 1)[0]}:{port}")
+        stop.wait()
+        server.stop(grace=5).wait()
+    finally:
+        service.close()

@@ -1,0 +1,131 @@
+"""`owner merge-adapter`: verify a returned adapter against its bundle and plug it into the full model.
+
+The key set comes from the *bundle's* adapter blocks (what the owner issued), never from the
+adapter's own claim, and the data owner's signature is checked with a key the owner trusts.
+The merged model is a plain Hugging Face directory, with `offsite_merge.json` recording what
+was verified, written atomically with it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from offsite.artefacts.adapter import (
+    ADAPTER_MANIFEST,
+    WEIGHTS_NAME,
+    Adapter,
+    expected_spec,
+    open_adapter,
+    plug_adapter,
+)
+from offsite.artefacts.bundle import Bundle, open_bundle
+from offsite.artefacts.tensorcheck import check_spec, load_checked
+from offsite.atomic import atomic_directory, check_apart, check_output_dir
+from offsite.errors import OffsiteError, VerificationError
+from offsite.models.architectures import block_prefix
+from offsite.models.fingerprint import model_fingerprint
+from offsite.models.loading import DEFAULT_MODEL, load_model, load_tokenizer
+
+MERGE_RECORD = "offsite_merge.json"
+MERGE_RECORD_VERSION = 1
+
+
+def verify_adapter(
+    adapter: Adapter, bundle: Bundle, full_model: PreTrainedModel, fingerprint: str
+) -> dict[str, torch.Tensor]:
+    """Check the adapter against the bundle it names and the full model; load its tensors.
+
+    Bundle id, base fingerprint (of the bundle and the adapter), block prefix, the exact key set
+    of the bundle's adapter blocks, shapes, dtypes and finite values.
+    """
+    m, where = adapter.manifest, adapter.path
+    if m["bundle_id"] != bundle.bundle_id:
+        raise VerificationError(
+            f"{where}: adapter was trained from bundle {m['bundle_id'][:19]}…, not {bundle.bundle_id[:19]}… ({bundle.path})"
+        )
+    for name, value in (("bundle", bundle.base_fingerprint), ("adapter", m["base_fingerprint"])):
+        if value != fingerprint:
+            raise VerificationError(
+                f"{where}: the {name} was made for base model {value[:19]}…, not this one "
+                f"({fingerprint[:19]}…); merge it into the model its bundle was made from"
+            )
+    if m["block_prefix"] != block_prefix(full_model.config.model_type):
+        raise VerificationError(
+            f"{where}: block_prefix {m['block_prefix']!r} does not match this model"
+        )
+    if m["adapter_blocks"] != bundle.adapter_sources:
+        raise VerificationError(
+            f"{where}: adapter claims blocks {m['adapter_blocks']}, but the bundle's adapter blocks are "
+            f"{bundle.adapter_sources}"
+        )
+    expected = expected_spec(full_model, bundle.adapter_sources)
+    check_spec(str(where / ADAPTER_MANIFEST), adapter.spec, expected)
+    return load_checked(where / WEIGHTS_NAME, expected)
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """Which adapter to merge into which model, and how its signature is checked.
+
+    `signer_key`: the data owner's Ed25519 public key (from the owner home's registry or a file);
+    without one, `allow_unsigned` must be set and the record says the signature was not checked.
+    """
+
+    adapter: Path
+    bundle: Path
+    out: Path
+    model: str = DEFAULT_MODEL
+    signer_key: object | None = None
+    allow_unsigned: bool = False
+    dtype: torch.dtype | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.signer_key is None and not self.allow_unsigned:
+            raise OffsiteError(
+                f"{self.adapter}: no key to check the adapter's signature with; pass --home (the "
+                "registry knows each data owner's key) or --signer-key FILE, or --allow-unsigned"
+            )
+
+
+def merge(spec: MergeSpec) -> dict:
+    """Verify the adapter (signature, bundle, key set, values), plug it in, write the merged model."""
+    check_output_dir(spec.out, spec.overwrite)
+    model_dir = spec.model if Path(spec.model).exists() else None
+    check_apart(
+        {"--out": spec.out},
+        {"--adapter": spec.adapter, "--bundle": spec.bundle, "--model": model_dir},
+    )
+    adapter, bundle = open_adapter(spec.adapter), open_bundle(spec.bundle)
+    signature = "not checked (--allow-unsigned)"
+    if spec.signer_key is not None:
+        signer = adapter.verify_signature(spec.signer_key)
+        signature = f"verified: signed by {signer!r} with the key the owner holds for it"
+    model = load_model(spec.model, dtype=spec.dtype)
+    fingerprint = model_fingerprint(model)
+    plug_adapter(model, verify_adapter(adapter, bundle, model, fingerprint))
+    record = {
+        "format_version": MERGE_RECORD_VERSION,
+        "base_fingerprint": fingerprint,
+        "bundle_id": bundle.bundle_id,
+        "adapter_blocks": bundle.adapter_sources,
+        "adapter": str(adapter.path),
+        "signer": adapter.manifest.get("signer") if spec.signer_key is not None else None,
+        "verified": {
+            "signature": signature,
+            "hashes": "every adapter and bundle file matches its manifest",
+            "key_set": "exactly the bundle's adapter blocks, shapes and dtypes of this model",
+            "values": "finite",
+            "base_model": "bundle and adapter were made for this model's fingerprint",
+        },
+    }
+    with atomic_directory(spec.out, overwrite=spec.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        load_tokenizer(spec.model).save_pretrained(tmp)
+        (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return {"merged": str(spec.out), **record}
