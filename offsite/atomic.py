@@ -139,6 +139,8 @@ def check_writable(out: str | os.PathLike) -> None:
     parent = Path(out).resolve().parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise OffsiteError(f"{out}: {parent} is not a directory; choose another --out")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OffsiteError(
             f"{out}: cannot write into {parent} (permission denied); choose another --out"

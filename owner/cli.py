@@ -11,6 +11,7 @@ from offsite_cli.args import add_dtype, add_eval, int_list
 from offsite_cli.runner import make_parser, run, subparsers
 from owner.commands import (
     cmd_adapters,
+    cmd_cleanup,
     cmd_enroll,
     cmd_evaluate,
     cmd_evaluate_offsite,
@@ -182,6 +183,9 @@ def _add_exchange(sub) -> None:
     )
     p.add_argument("--chunk-bytes", type=int, default=1 << 20, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("cleanup", help="remove stale uploads (the server also does it as it runs)")
+    p.add_argument("--home", required=True)
+    p.set_defaults(func=cmd_cleanup)
     p = sub.add_parser("adapters", help="adapters received: from whom, verified or rejected, why")
     p.add_argument("--home", required=True)
     p.set_defaults(func=cmd_adapters)

@@ -106,6 +106,17 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print_json(merge(spec))
 
 
+def cmd_cleanup(args: argparse.Namespace) -> None:
+    from offsite.exchange.service import OwnerService
+
+    service = OwnerService(open_home(args.home))  # expires stale uploads and leftover folders
+    try:
+        expired = service.expire_uploads()
+    finally:
+        service.close()
+    print_json({"expired_uploads": expired})
+
+
 def cmd_adapters(args: argparse.Namespace) -> None:
     with open_home(args.home).registry() as registry:
         rows = registry.adapters()

@@ -428,3 +428,19 @@ def test_compression_and_flops_on_conv1d():
     }
     assert changed == {"3", "4"}
     assert block_costs(model.config, 16)[0] > 0
+
+
+def test_unwritable_out_is_found_before_training(flow, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    expect_error(
+        capsys, data_owner, _finetune(flow, tmp_path / "afile" / "out"), "is not a directory"
+    )
+
+
+def test_cleanup_command_expires_nothing_fresh(tmp_path, capsys):
+    home, _, _ = make_env(tmp_path, ["acme"])
+    (home.uploads / "leftover").mkdir()
+    capsys.readouterr()
+    assert owner(["cleanup", "--home", str(home.root)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"expired_uploads": []}
+    assert not (home.uploads / "leftover").exists()
