@@ -75,3 +75,51 @@ def test_missing_and_binary_data_files(tokenizer, tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00abc")
     with pytest.raises(OffsiteError, match="not UTF-8"):
         load_data(tmp_path / "bin.txt", tokenizer, 8)
+
+
+def _bos_tokenizer():
+    from tiny import tiny_tokenizer
+    from tokenizers import processors
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    return tok
+
+
+def test_bos_per_block_when_the_tokenizer_adds_bos(tmp_path, tokenizer):
+    from offsite.training.data import IGNORE_INDEX, adds_bos, load_data, pairs_data, text_data
+
+    bos_tok = _bos_tokenizer()
+    assert adds_bos(bos_tok) and not adds_bos(tokenizer)
+    (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    for data in (
+        load_data(tmp_path / "c.txt", bos_tok, 16),
+        text_data("a stitch in time " * 30, bos_tok, 16, "t"),
+    ):
+        assert all(
+            e.input_ids[0] == bos_tok.bos_token_id and e.labels[0] == IGNORE_INDEX
+            for e in data.examples
+        )
+        assert all(
+            len(e.input_ids) == 16 and bos_tok.bos_token_id not in e.input_ids[1:]
+            for e in data.examples
+        )
+    pairs = pairs_data([("to be or", " not")], bos_tok, 16, "p")
+    assert pairs.examples[0].input_ids[0] == bos_tok.bos_token_id
+    plain = load_data(tmp_path / "c.txt", tokenizer, 16)
+    assert all(e.input_ids[0] != tokenizer.bos_token_id for e in plain.examples)
+
+
+def test_choice_scoring_follows_the_bos_convention():
+    from tiny import tiny_model
+
+    from offsite.evaluation.choice import _lm, score_choices
+    from offsite.evaluation.specs import ChoiceItem
+
+    bos_tok = _bos_tokenizer()
+    model = tiny_model("llama")
+    assert _lm(model, bos_tok, 4).add_bos_token is True
+    items = [ChoiceItem("to be or", ("not", "fox"), 0), ChoiceItem("the lazy", ("dog", "time"), 0)]
+    assert score_choices(model, bos_tok, items)["n"] == 2

@@ -21,6 +21,7 @@ from torch import nn
 from offsite.errors import OffsiteError
 from offsite.evaluation.specs import ChoiceItem
 from offsite.models.modes import eval_mode
+from offsite.training.data import adds_bos
 
 
 @contextmanager
@@ -52,9 +53,9 @@ def _lm(model: nn.Module, tokenizer, batch_size: int):
     from lm_eval.models.huggingface import HFLM
 
     device = str(next(model.parameters()).device)
-    # no BOS: the training data (offsite.training.data) is tokenised without special tokens too
+    # BOS exactly when the training data has it (offsite.training.data follows the tokenizer)
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
-                add_bos_token=False)  # fmt: skip
+                add_bos_token=adds_bos(tokenizer))  # fmt: skip
 
 
 @functools.cache

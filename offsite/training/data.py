@@ -54,23 +54,43 @@ def read_text(path: Path) -> str:
     return text
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts every text with BOS (Llama-3, Gemma do): then the model was
+    trained so, and every packed block and every prompt must start with it too."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True, return_attention_mask=False, verbose=False)[
+        "input_ids"
+    ]
+    return bool(ids) and ids[0] == bos
+
+
+def _bos(tokenizer) -> int | None:
+    return tokenizer.bos_token_id if adds_bos(tokenizer) else None
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)[
         "input_ids"
     ]
 
 
-def _pack(path: Path | str, ids: list[int], block_size: int) -> list[Example]:
-    n = len(ids) // block_size
+def _pack(
+    path: Path | str, ids: list[int], block_size: int, bos: int | None = None
+) -> list[Example]:
+    """Cut `ids` into blocks of `block_size`; with `bos`, each block is BOS + block_size-1 tokens
+    (no loss on the BOS itself)."""
+    width = block_size - (bos is not None)
+    n = len(ids) // width
     if n == 0:
         raise OffsiteError(
             f"{path}: only {len(ids)} tokens, shorter than one block of {block_size}; "
             "add data or use a smaller --block-size"
         )
+    head, label = ([bos], [IGNORE_INDEX]) if bos is not None else ([], [])
     return [
-        Example(
-            ids[i * block_size : (i + 1) * block_size], ids[i * block_size : (i + 1) * block_size]
-        )
+        Example(head + ids[i * width : (i + 1) * width], label + ids[i * width : (i + 1) * width])
         for i in range(n)
     ]
 
@@ -104,9 +124,10 @@ def _prompt_completion(
     path: Path | str, pairs: list[tuple[str, str]], tokenizer, block_size: int
 ) -> list[Example]:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     out = []
     for prompt_text, completion_text in pairs:
-        prompt = _encode(tokenizer, prompt_text)
+        prompt = bos + _encode(tokenizer, prompt_text)
         completion = _encode(tokenizer, completion_text) + eos
         ids = (prompt + completion)[:block_size]
         labels = ([IGNORE_INDEX] * len(prompt) + completion)[:block_size]
@@ -133,7 +154,10 @@ def load_data(path: str | Path, tokenizer, block_size: int) -> TokenData:
     digest = hashlib.sha256(text.encode()).hexdigest()
     if suffix == ".txt":
         return TokenData(
-            _pack(path, _encode(tokenizer, text), block_size), str(path), digest, "packed"
+            _pack(path, _encode(tokenizer, text), block_size, _bos(tokenizer)),
+            str(path),
+            digest,
+            "packed",
         )
     rows = _parse_jsonl(path, text)
     if not rows:
@@ -159,7 +183,7 @@ def load_data(path: str | Path, tokenizer, block_size: int) -> TokenData:
         )
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids = [t for _, obj in rows for t in _encode(tokenizer, obj["text"]) + eos]
-    return TokenData(_pack(path, ids, block_size), str(path), digest, "packed")
+    return TokenData(_pack(path, ids, block_size, _bos(tokenizer)), str(path), digest, "packed")
 
 
 def _digest(text: str) -> str:
@@ -168,7 +192,7 @@ def _digest(text: str) -> str:
 
 def text_data(text: str, tokenizer, block_size: int, source: str) -> TokenData:
     """Text held in memory (e.g. one part of a split file), packed into blocks."""
-    return TokenData(_pack(source, _encode(tokenizer, text), block_size), source, _digest(text), "packed")  # fmt: skip
+    return TokenData(_pack(source, _encode(tokenizer, text), block_size, _bos(tokenizer)), source, _digest(text), "packed")  # fmt: skip
 
 
 def pairs_data(pairs: list[tuple[str, str]], tokenizer, block_size: int, source: str) -> TokenData:
