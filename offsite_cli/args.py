@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from offsite.errors import OffsiteError
-from offsite.training.finetune import FinetuneJob
+from offsite.training.finetune import ADAPTER_LEARNING_RATE, FinetuneJob
 from offsite.training.loop import PRECISIONS, SCHEDULES, TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,7 +50,7 @@ def add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def add_training(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
+    d = TrainConfig(learning_rate=ADAPTER_LEARNING_RATE)  # the data owner trains adapter blocks
     g = p.add_argument_group("training")
     g.add_argument(
         "--epochs", type=int, default=d.epochs, help=f"passes over the data (default {d.epochs})"

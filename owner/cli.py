@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from offsite.emulator.layerwise import INPUTS, LayerwiseConfig
+from offsite.emulator.recipe import EmulatorRecipe
 from offsite.emulator.selection import RULES
+from offsite.evaluation.recipe import EvaluateSpec
 from offsite.evaluation.specs import builtin_tasks
 from offsite.models.loading import DEFAULT_MODEL
 from offsite_cli.args import add_dtype, add_eval, int_list
@@ -90,6 +94,7 @@ def _add_quality(p) -> None:
         default=None,
         help="public corpus (.txt/.jsonl): distil the kept blocks on it",
     )
+    _add_layerwise(p)
     _add_distill(g)
     g.add_argument(
         "--prune",
@@ -103,6 +108,22 @@ def _add_quality(p) -> None:
         default=None,
         help="round emulator block weights to N-bit integers",
     )
+
+
+def _add_layerwise(p) -> None:
+    d = LayerwiseConfig()
+    on = EmulatorRecipe().layerwise is not None
+    g = p.add_argument_group(
+        "layer-wise distillation (each kept block fitted to the span of blocks it stands for)"
+    )
+    g.add_argument("--layerwise-steps", type=int, default=d.steps if on else 0,
+                   help=f"steps per kept block; 0 turns it off (default {d.steps if on else 0})")  # fmt: skip
+    g.add_argument("--layerwise-lr", type=float, default=d.learning_rate, help=f"learning rate (default {d.learning_rate})")  # fmt: skip
+    g.add_argument("--layerwise-inputs", choices=INPUTS, default=d.inputs,
+                   help=f"what each block learns from: the emulator's own chain, or the full model's states (default {d.inputs})")  # fmt: skip
+    g.add_argument("--layerwise-noise", type=float, default=d.noise, help=f"relative input noise (default {d.noise})")  # fmt: skip
+    g.add_argument("--layerwise-sequences", type=int, default=d.max_sequences,
+                   help=f"sample sequences (of --block-size tokens) to fit on (default {d.max_sequences})")  # fmt: skip
 
 
 def _add_distill(g) -> None:
@@ -260,17 +281,15 @@ def _add_evaluate_offsite(sub) -> None:
                    help="folder the task specs' files are relative to (default $OFFSITE_DATA or ../shared/data)")  # fmt: skip
     p.add_argument("--train", default=None, help="instead of --task: training text (.txt)")
     p.add_argument("--test", default=None, help="instead of --task: held-out text (.txt)")
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=40,
-        help="fine-tuning steps, the same for emulator and full model",
-    )
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--learning-rate", type=float, default=2e-4, help="the adapter's peak learning rate (default 2e-4)")  # fmt: skip
-    p.add_argument("--full-learning-rate", type=float, default=None,
-                   help="full-model fine-tuning's learning rate (default: --learning-rate)")  # fmt: skip
-    p.add_argument("--warmup-steps", type=int, default=2)
+    d = EvaluateSpec(bundle=Path(), out=Path())
+    p.add_argument("--steps", type=int, default=d.train.max_steps,
+                   help=f"fine-tuning steps, the same for emulator and full model (default {d.train.max_steps})")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=d.train.batch_size)
+    p.add_argument("--learning-rate", type=float, default=d.train.learning_rate,
+                   help=f"the adapter's peak learning rate (default {d.train.learning_rate})")  # fmt: skip
+    p.add_argument("--full-learning-rate", type=float, default=d.full_learning_rate,
+                   help=f"full-model fine-tuning's learning rate (default {d.full_learning_rate})")  # fmt: skip
+    p.add_argument("--warmup-steps", type=int, default=d.train.warmup_steps)
     p.add_argument("--seed", type=int, default=42, help="training order and the split of spec files without a test file")  # fmt: skip
     p.add_argument("--block-size", type=int, default=None,
                    help="tokens per sequence (default 128 for perplexity tasks, 256 for choice tasks)")  # fmt: skip

@@ -9,6 +9,7 @@ from pathlib import Path
 from offsite.artefacts.merge import MergeSpec, merge
 from offsite.artefacts.signing import load_public_file
 from offsite.emulator.corpus import SampleConfig, sample_corpus, write_corpus
+from offsite.emulator.layerwise import LayerwiseConfig
 from offsite.emulator.package import PackageSpec, package
 from offsite.emulator.recipe import EmulatorRecipe
 from offsite.errors import OffsiteError
@@ -82,8 +83,17 @@ def _recipe(args: argparse.Namespace) -> EmulatorRecipe:
                           batch_size=args.distill_batch_size, lr_scheduler="cosine", save_every=args.save_every,
                           eval_every=args.distill_eval_every)  # fmt: skip
     path = lambda value: Path(value) if value else None  # noqa: E731
+    if args.layerwise_steps < 0:
+        raise OffsiteError(
+            f"--layerwise-steps {args.layerwise_steps} must be >= 0 (0 turns it off)"
+        )
+    layerwise = None
+    if args.layerwise_steps:
+        layerwise = LayerwiseConfig(steps=args.layerwise_steps, learning_rate=args.layerwise_lr, inputs=args.layerwise_inputs,
+                                    noise=args.layerwise_noise, max_sequences=args.layerwise_sequences)  # fmt: skip
     return EmulatorRecipe(
         selection="explicit" if args.emulator_blocks else args.selection, selection_data=path(args.selection_data),
+        layerwise=layerwise,
         distill_data=path(args.distill_data), distill=distill, distill_weight=args.distill_weight,
         block_size=args.block_size, prune=args.prune, quantize_bits=args.quantize_bits,
         checkpoint_dir=path(args.checkpoint_dir) or (Path(args.out + ".ckpt") if args.distill_data else None),

@@ -27,6 +27,8 @@ from typing import NoReturn
 
 from offsite.emulator.recipe import PUBLIC_SAMPLE
 from offsite.emulator.selection import RULES
+from offsite.evaluation.five_settings import FULL_LEARNING_RATE
+from offsite.training.finetune import ADAPTER_LEARNING_RATE
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 PHASES = 8
@@ -165,18 +167,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test", default=None, help="held-out text (default: the shipped sample's, or --holdout of --train)")  # fmt: skip
     p.add_argument("--holdout", type=float, default=0.1, help="with --train and no --test: the share of the text held out")  # fmt: skip
     p.add_argument("--seed", type=int, default=42, help="training order and the split of spec files without a test file")  # fmt: skip
-    p.add_argument("--emulator-layers", type=int, default=None, help="middle blocks kept (default half)")  # fmt: skip
-    p.add_argument("--adapter-bottom", type=int, default=2, help="adapter blocks at the bottom (default 2)")  # fmt: skip
-    p.add_argument("--adapter-top", type=int, default=2, help="adapter blocks at the top (default 2)")  # fmt: skip
-    p.add_argument("--selection", default="redundancy", choices=RULES)  # fmt: skip
+    p.add_argument("--emulator-layers", type=int, default=None, help="middle blocks kept (default: the owner's, half)")  # fmt: skip
+    p.add_argument("--adapter-bottom", type=int, default=None, help="adapter blocks at the bottom (default: the owner's)")  # fmt: skip
+    p.add_argument("--adapter-top", type=int, default=None, help="adapter blocks at the top (default: the owner's)")  # fmt: skip
+    p.add_argument("--selection", default=None, choices=RULES, help="default: the owner's")  # fmt: skip
+    p.add_argument("--layerwise-steps", type=int, default=None, help="layer-wise distillation steps per block (default: the owner's)")  # fmt: skip
     p.add_argument("--selection-data", default=None,
                    help="the owner's public sample text for block selection and distillation (default: the built-in WikiText sample)")  # fmt: skip
     p.add_argument("--distill-steps", type=int, default=0, help="distil the emulator on --selection-data first (slow on CPU)")  # fmt: skip
     p.add_argument("--steps", type=int, default=40, help="fine-tuning steps (data owner and full-model ceiling)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--learning-rate", type=float, default=2e-4, help="the adapter's peak learning rate")  # fmt: skip
-    p.add_argument("--full-learning-rate", type=float, default=None,
-                   help="the referee's full-model fine-tuning learning rate (default: --learning-rate)")  # fmt: skip
+    p.add_argument("--learning-rate", type=float, default=ADAPTER_LEARNING_RATE,
+                   help=f"the adapter's peak learning rate (default {ADAPTER_LEARNING_RATE}, the data owner's)")  # fmt: skip
+    p.add_argument("--full-learning-rate", type=float, default=FULL_LEARNING_RATE,
+                   help=f"the referee's full-model fine-tuning learning rate (default {FULL_LEARNING_RATE})")  # fmt: skip
     p.add_argument("--block-size", type=int, default=None, help="tokens per sequence (default 128 LM, 256 choice)")  # fmt: skip
     p.add_argument("--eval-limit", type=int, default=None, help="test items (choice) or held-out blocks (LM, default 48)")  # fmt: skip
     p.add_argument("--train-limit", type=int, default=None, help="training items to use (choice tasks)")  # fmt: skip
@@ -214,11 +218,11 @@ def main(argv: list[str] | None = None) -> None:
         cli("owner", "init", "--home", str(home))
         cli("owner", "enroll", "--home", str(home), "--name", "alice", "--out", str(creds))
     with Phase("model owner: package the emulator bundle for alice (select blocks, sign)"):
-        pkg = ["package-emulator", "--home", str(home), "--for", "alice", "--model", a.model,
-               "--selection", a.selection, "--adapter-bottom", str(a.adapter_bottom),
-               "--adapter-top", str(a.adapter_top), "--out", str(owner_dir / "bundle")]  # fmt: skip
-        if a.emulator_layers is not None:
-            pkg += ["--emulator-layers", str(a.emulator_layers)]
+        pkg = ["package-emulator", "--home", str(home), "--for", "alice", "--model", a.model, "--out", str(owner_dir / "bundle")]  # fmt: skip
+        for flag, value in (("--selection", a.selection), ("--adapter-bottom", a.adapter_bottom), ("--adapter-top", a.adapter_top),
+                            ("--emulator-layers", a.emulator_layers), ("--layerwise-steps", a.layerwise_steps)):  # fmt: skip
+            if value is not None:
+                pkg += [flag, str(value)]
         if a.selection_data:
             pkg += ["--selection-data", a.selection_data]
         if a.distill_steps:

@@ -92,12 +92,13 @@ class DistillLoss:
 
 
 def student_and_loss(
-    full: PreTrainedModel, plan: SplitPlan, weight: float
+    full: PreTrainedModel, plan: SplitPlan, weight: float, start: PreTrainedModel | None = None
 ) -> tuple[PreTrainedModel, DistillLoss]:
-    """A trainable emulator (only kept middle blocks require grad) and its distillation loss."""
+    """A trainable emulator (only kept middle blocks require grad; `start` if given, else a plain
+    drop of `full`) and its distillation loss."""
     if not plan.kept:
         raise OffsiteError("the emulator keeps no middle block; nothing to distil")
-    student = build_emulator(full, plan)
+    student = start if start is not None else build_emulator(full, plan)
     student.requires_grad_(False)
     order = list(plan.emulator_order)
     for i in plan.kept:
@@ -126,10 +127,12 @@ def distill_emulator(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     on_step: Callable[[StepInfo], None] | None = None,
+    start: PreTrainedModel | None = None,
 ) -> tuple[PreTrainedModel, dict]:
-    """Distil an emulator for `plan` from `full`; keeps the weights with the best validation perplexity."""
+    """Distil an emulator for `plan` from `full` (from `start`, e.g. a layer-wise distilled one);
+    keeps the weights with the best validation perplexity."""
     acc = make_accelerator(cfg)
-    student, loss = student_and_loss(full, plan, weight)
+    student, loss = student_and_loss(full, plan, weight, start)
     full.to(acc.device)
     try:
         summary = train(

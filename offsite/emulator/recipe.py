@@ -11,14 +11,17 @@ from transformers import PreTrainedModel
 from offsite.emulator.build import build_emulator
 from offsite.emulator.compress import prune_magnitude, quantize_weights
 from offsite.emulator.distill import DEFAULT_WEIGHT, distill_emulator
+from offsite.emulator.layerwise import LayerwiseConfig, distill_layerwise
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.selection import STRATEGIES, block_stats, select_plan
+from offsite.emulator.transfer import transfer_score
 from offsite.errors import OffsiteError
-from offsite.training.data import load_data, pad_id_of, split_validation
+from offsite.training.data import TokenData, load_data, pad_id_of, split_validation
 from offsite.training.loop import StepInfo, TrainConfig
 
 # The owner's default public sample text for block selection: ~110 KB of WikiText-2 (CC BY-SA 3.0).
 PUBLIC_SAMPLE = Path(__file__).parent / "resources" / "public-sample.txt"
+TRANSFER_SEQUENCES = 8  # sample sequences the transfer score is measured on
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class EmulatorRecipe:
         default_factory=lambda: TrainConfig(max_steps=200, learning_rate=1e-4, warmup_steps=20)
     )
     distill_weight: float = DEFAULT_WEIGHT
+    layerwise: LayerwiseConfig | None = None  # fit each kept block to its span first (cheap)
     block_size: int = 256
     val_fraction: float = 0.05
     prune: float = 0.0
@@ -62,26 +66,22 @@ def make_emulator(
     *,
     on_step: Callable[[StepInfo], None] | None = None,
 ) -> tuple[PreTrainedModel, SplitPlan, dict]:
-    """The emulator, the final plan and a manifest record of how it was made."""
+    """The emulator, the final plan and a manifest record of how it was made (with its transfer score)."""
     record: dict = {"selection": {"strategy": recipe.selection}}
+    sample = load_data(
+        recipe.selection_data or recipe.distill_data or PUBLIC_SAMPLE, tokenizer, recipe.block_size
+    )
     if recipe.selection in ("redundancy", "similarity"):
-        source = recipe.selection_data or recipe.distill_data or PUBLIC_SAMPLE
-        sample = load_data(source, tokenizer, recipe.block_size)
         stats = block_stats(full, sample)
         plan = select_plan(plan, recipe.selection, stats)
         record["selection"]["redundancy"] = [round(x, 5) for x in stats.redundancy]
     record["selection"].update(strategy=plan.strategy, kept=list(plan.kept))
+    emulator = None
+    if recipe.layerwise is not None:
+        emulator, record["layerwise"] = distill_layerwise(full, plan, sample, recipe.layerwise)
     if recipe.distill_data is not None:
-        data = load_data(recipe.distill_data, tokenizer, recipe.block_size)
-        train_data, val_data = split_validation(data, recipe.val_fraction, recipe.distill.seed)
-        emulator, summary = distill_emulator(
-            full, plan, train_data, recipe.distill, pad_id=pad_id_of(tokenizer), weight=recipe.distill_weight,
-            val_data=val_data, checkpoint_dir=recipe.checkpoint_dir, resume=recipe.resume, on_step=on_step,
-        )  # fmt: skip
-        record["distillation"] = {k: summary[k] for k in ("steps", "best_step", "best_val_perplexity", "val_perplexity",
-                                                          "weight", "data_sha256", "config")}  # fmt: skip
-    else:
-        emulator = build_emulator(full, plan)
+        emulator, record["distillation"] = _distil(full, tokenizer, plan, recipe, emulator, on_step)
+    emulator = emulator if emulator is not None else build_emulator(full, plan)
     positions = [plan.emulator_order.index(i) for i in plan.kept]
     if recipe.prune:
         prune_magnitude(emulator, positions, recipe.prune)
@@ -89,4 +89,35 @@ def make_emulator(
     if recipe.quantize_bits is not None:
         quantize_weights(emulator, positions, recipe.quantize_bits)
         record["quantization"] = {"method": "symmetric per-row", "bits": recipe.quantize_bits}
+    # scored on sequences the layer-wise fit did not use (when the sample has them)
+    held = (
+        sample.examples[-TRANSFER_SEQUENCES:]
+        if len(sample) > 2 * TRANSFER_SEQUENCES
+        else sample.examples
+    )
+    scored = TokenData(held[:TRANSFER_SEQUENCES], sample.source, sample.sha256, sample.mode)
+    record["transfer_score"] = transfer_score(
+        full, emulator, plan, scored, pad_id=pad_id_of(tokenizer)
+    )
     return emulator, plan, record
+
+
+def _distil(
+    full, tokenizer, plan: SplitPlan, recipe: EmulatorRecipe, start, on_step
+) -> tuple[PreTrainedModel, dict]:
+    data = load_data(recipe.distill_data, tokenizer, recipe.block_size)
+    train_data, val_data = split_validation(data, recipe.val_fraction, recipe.distill.seed)
+    emulator, summary = distill_emulator(
+        full, plan, train_data, recipe.distill, pad_id=pad_id_of(tokenizer), weight=recipe.distill_weight,
+        val_data=val_data, checkpoint_dir=recipe.checkpoint_dir, resume=recipe.resume, on_step=on_step, start=start,
+    )  # fmt: skip
+    keys = (
+        "steps",
+        "best_step",
+        "best_val_perplexity",
+        "val_perplexity",
+        "weight",
+        "data_sha256",
+        "config",
+    )
+    return emulator, {k: summary[k] for k in keys}

@@ -12,11 +12,12 @@ from offsite.artefacts.bundle import open_bundle
 from offsite.atomic import atomic_directory, check_output_dir
 from offsite.emulator.plan import bundle_plan
 from offsite.errors import OffsiteError
-from offsite.evaluation.five_settings import evaluate_offsite, write_results
+from offsite.evaluation.five_settings import FULL_LEARNING_RATE, evaluate_offsite, write_results
 from offsite.evaluation.specs import data_root, load_task
 from offsite.evaluation.tasks import Task, build_task, load_task_files
 from offsite.models.fingerprint import model_fingerprint
 from offsite.models.loading import DEFAULT_MODEL, load_model, load_tokenizer
+from offsite.training.finetune import ADAPTER_LEARNING_RATE
 from offsite.training.loop import StepInfo, TrainConfig
 
 
@@ -33,10 +34,10 @@ class EvaluateSpec:
     data_root: str | None = None
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            max_steps=40, learning_rate=2e-4, warmup_steps=2, save_every=0
+            max_steps=40, learning_rate=ADAPTER_LEARNING_RATE, warmup_steps=2, save_every=0
         )
     )
-    full_learning_rate: float | None = None
+    full_learning_rate: float | None = FULL_LEARNING_RATE
     full_finetune: bool = True
     block_size: int | None = None
     eval_limit: int | None = None

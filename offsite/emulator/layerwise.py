@@ -1,0 +1,239 @@
+"""Layer-wise distillation: each kept middle block learns the span of full-model blocks it stands for.
+
+The middle is cut into spans, one per kept block: span j runs from s_j to s_{j+1} - 1, where s_0
+is the first middle block and s_j (j > 0) is the j-th kept block, so each kept block also stands
+for the dropped blocks after it (and the first for those before it). One no-grad pass of the full
+model over the owner's sample caches, per span, the hidden state entering it and the one leaving
+it; each kept block is then trained alone, on those cached states, to map one to the other:
+
+    loss = mean over tokens of |block(x) - y|^2 / mean(y^2)      (relative squared error)
+
+Much cheaper per step than end-to-end distillation (one block forward and backward, no LM head,
+no teacher pass), and it aims at what the adapter learns from: the hidden states the top adapter
+receives and, through each block's Jacobian, the gradients the bottom adapter receives.
+
+Inputs: `teacher` trains every block on the full model's own hidden state entering its span
+(local: the block imitates the span as a function); `emulator` feeds each block what the already
+distilled blocks below it produce (the emulator's own chain), so each block also corrects the
+error accumulated beneath it. `noise` adds Gaussian noise of that relative size to the inputs
+(with `teacher` inputs the target is then the span applied to the noisy input, so the block
+imitates the span around the data too, where a changed bottom adapter moves it; with `emulator`
+inputs the target stays the full model's output, so the block learns to return there from
+nearby inputs).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from offsite.emulator.build import build_emulator
+from offsite.emulator.plan import SplitPlan
+from offsite.errors import OffsiteError
+from offsite.models.architectures import get_blocks
+from offsite.models.modes import eval_mode
+from offsite.training.data import TokenData, collate
+
+INPUTS = ("teacher", "emulator")
+
+
+@dataclass(frozen=True)
+class LayerwiseConfig:
+    """Steps and step size per kept block, the sample it learns from, and how inputs are chosen."""
+
+    steps: int = 60
+    learning_rate: float = 3e-4
+    batch_size: int = 4
+    max_sequences: int = 64
+    inputs: str = "emulator"
+    noise: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.max_sequences < 1:
+            raise OffsiteError("--layerwise-steps, batch size and sequences must be at least 1")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise OffsiteError(
+                f"--layerwise-lr must be a positive number (got {self.learning_rate})"
+            )
+        if self.inputs not in INPUTS:
+            raise OffsiteError(
+                f"--layerwise-inputs {self.inputs!r} unknown; choose one of {', '.join(INPUTS)}"
+            )
+        if not (math.isfinite(self.noise) and self.noise >= 0):
+            raise OffsiteError(f"--layerwise-noise must be >= 0 (got {self.noise})")
+
+
+def spans(plan: SplitPlan) -> list[tuple[int, int, int]]:
+    """(kept block, first, last + 1) of the full-model blocks each kept block stands for."""
+    middle, kept = list(plan.middle), list(plan.kept)
+    if not kept:
+        raise OffsiteError("the emulator keeps no middle block; nothing to distil")
+    starts = [middle[0], *kept[1:]]
+    ends = [*kept[1:], middle[-1] + 1]
+    return list(zip(kept, starts, ends, strict=True))
+
+
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@dataclass
+class _Call:
+    """How the model called one block on one batch: positional and keyword arguments."""
+
+    args: tuple
+    kwargs: dict
+
+    def run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.args:
+            return _hidden(block(x, *self.args[1:], **self.kwargs))
+        return _hidden(block(**{**self.kwargs, "hidden_states": x}))
+
+
+@torch.no_grad()
+def _capture(
+    full: PreTrainedModel, data: TokenData, batch_size: int, table: list[tuple[int, int, int]]
+):
+    """Per batch: the hidden state entering each span and leaving it, and how every block was called."""
+    starts, ends = {s for _, s, _ in table}, {e - 1 for _, _, e in table}
+    wanted = {i for _, s, e in table for i in range(s, e)}
+    blocks = get_blocks(full)
+    batches, current = [], {}
+
+    def pre(i):
+        def fn(module, args, kwargs):
+            if i in starts:
+                current.setdefault("in", {})[i] = (
+                    args[0] if args else kwargs["hidden_states"]
+                ).detach()
+            calls = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value", "layer_past")}  # fmt: skip
+            current.setdefault("call", {})[i] = _Call(tuple(args), calls)
+
+        return fn
+
+    def post(i):
+        def fn(module, args, output):
+            current.setdefault("out", {})[i] = _hidden(output).detach()
+
+        return fn
+
+    handles = [blocks[i].register_forward_pre_hook(pre(i), with_kwargs=True) for i in wanted]
+    handles += [blocks[i].register_forward_hook(post(i)) for i in ends]
+    try:
+        with eval_mode(full):
+            for start in range(0, len(data), batch_size):
+                batch = collate(data.examples[start : start + batch_size], 0)
+                current = {}
+                full(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    use_cache=False,
+                )
+                batches.append(current)
+    finally:
+        for h in handles:
+            h.remove()
+    return batches
+
+
+def _relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (
+        (out.float() - target.float()).pow(2).mean(-1)
+        / target.float().pow(2).mean(-1).clamp_min(1e-12)
+    ).mean()
+
+
+def _train_block(
+    block, span_blocks, inputs, calls, targets, cfg: LayerwiseConfig, gen
+) -> tuple[float, float]:
+    """Fit `block` to the span on the cached batches; returns the mean loss of the first and last steps."""
+    block.train()
+    block.requires_grad_(True)
+    opt = torch.optim.AdamW(block.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / cfg.steps))
+    )
+    losses = []
+    for step in range(cfg.steps):
+        i = step % len(inputs)
+        x, target = inputs[i], targets[i]
+        if cfg.noise:
+            x = x + cfg.noise * x.pow(2).mean(-1, keepdim=True).sqrt() * torch.randn(
+                x.shape, generator=gen
+            )
+            if cfg.inputs == "teacher":  # the span as a function around the data
+                with torch.no_grad():
+                    target = x
+                    for b, call in span_blocks:
+                        target = call[i].run(b, target)
+            # with the emulator's own inputs the target stays the full model's clean output
+        loss = _relative_error(calls[i].run(block, x), target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    block.requires_grad_(False)
+    block.eval()
+    k = max(1, min(5, len(losses) // 4))
+    return sum(losses[:k]) / k, sum(losses[-k:]) / k
+
+
+def distill_layerwise(
+    full: PreTrainedModel,
+    plan: SplitPlan,
+    data: TokenData,
+    cfg: LayerwiseConfig,
+    *,
+    on_block: Callable[[int, int], None] | None = None,
+) -> tuple[PreTrainedModel, dict]:
+    """An emulator for `plan` whose kept blocks were each fitted to their span; `full` is unchanged."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    sample = TokenData(data.examples[: cfg.max_sequences], data.source, data.sha256, data.mode)
+    table = spans(plan)
+    cache = _capture(full, sample, cfg.batch_size, table)
+    emulator = build_emulator(full, plan)
+    emulator.requires_grad_(False)
+    order, full_blocks, emu_blocks = (
+        list(plan.emulator_order),
+        get_blocks(full),
+        get_blocks(emulator),
+    )
+    chain = [b["in"][table[0][1]] for b in cache]  # what enters the first span, batch by batch
+    report = []
+    for n, (k, s, e) in enumerate(table):
+        block = emu_blocks[order.index(k)]
+        inputs = [b["in"][s] for b in cache] if cfg.inputs == "teacher" else chain
+        calls = [b["call"][k] for b in cache]
+        targets = [b["out"][e - 1] for b in cache]
+        span_blocks = [(full_blocks[i], [b["call"][i] for b in cache]) for i in range(s, e)]
+        trivial = e - s == 1 and cfg.inputs == "teacher" and not cfg.noise  # nothing dropped here
+        first, last = (
+            (0.0, 0.0)
+            if trivial
+            else _train_block(block, span_blocks, inputs, calls, targets, cfg, gen)
+        )
+        with torch.no_grad():
+            chain = [calls[i].run(block, x) for i, x in enumerate(chain)]
+            end_error = sum(
+                float(_relative_error(c, t)) for c, t in zip(chain, targets, strict=True)
+            ) / len(chain)
+        report.append({"block": k, "span": [s, e - 1], "loss_first": round(first, 5), "loss_last": round(last, 5),
+                       "chain_error": round(end_error, 5)})  # fmt: skip
+        if on_block:
+            on_block(n + 1, len(table))
+    emulator.eval()
+    record = {"method": "layerwise", "steps_per_block": cfg.steps, "learning_rate": cfg.learning_rate,
+              "batch_size": cfg.batch_size, "sequences": len(sample), "inputs": cfg.inputs, "noise": cfg.noise,
+              "data_sha256": data.sha256, "seconds": round(time.perf_counter() - t0, 1), "spans": report}  # fmt: skip
+    return emulator, record

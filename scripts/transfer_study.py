@@ -1,0 +1,171 @@
+"""Transfer study: which emulator recipe and adapter placement make the plug-in, not the data owner, gain.
+
+    python -m scripts.transfer_study --recipes drop layerwise "layerwise:inputs=teacher" \\
+        --task shakespeare --task sst2 --task arc-easy --data-root ../shared/data --out runs/transfer
+
+A recipe is NAME[:key=value,...]: NAME is `drop` (selection only) or `layerwise`; keys: sel
+(redundancy|uniform|similarity), k (middle blocks kept; default half), bottom/top (adapter
+blocks), steps, lr, inputs (teacher|emulator), noise, seqs. Each recipe's emulator is built once
+(timed), scored by the owner-side transfer score, then run through the five settings on every
+task with the same batches; the full-model ceiling is measured once per task. Writes
+OUT/rows.jsonl (one row per recipe and task, appended as they finish), OUT/table.md, and prints
+the Spearman rank correlation between the transfer score and the gap closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from offsite.emulator.layerwise import LayerwiseConfig
+from offsite.emulator.plan import make_plan
+from offsite.emulator.recipe import PUBLIC_SAMPLE, EmulatorRecipe, make_emulator
+from offsite.emulator.transfer import transfer_score
+from offsite.evaluation.five_settings import derived, evaluate_offsite
+from offsite.evaluation.specs import data_root, load_task
+from offsite.evaluation.tasks import PerplexityTask, build_task
+from offsite.models.architectures import num_blocks
+from offsite.models.loading import load_model, load_tokenizer
+from offsite.training.data import load_data, pad_id_of
+from offsite.training.loop import TrainConfig
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+
+
+def parse_recipe(spec: str) -> tuple[str, dict[str, str]]:
+    name, _, opts = spec.partition(":")
+    return name, dict(kv.split("=", 1) for kv in opts.split(",") if kv)
+
+
+def build(full, tok, spec: str) -> tuple:
+    """(emulator, plan, record, seconds) for one recipe spec."""
+    name, kv = parse_recipe(spec)
+    plan = make_plan(num_blocks(full.config), adapter_bottom=int(kv.get("bottom", 2)), adapter_top=int(kv.get("top", 2)),
+                     emulator_layers=int(kv["k"]) if "k" in kv else None)  # fmt: skip
+    layerwise = None
+    if name == "layerwise":
+        d = LayerwiseConfig()
+        layerwise = LayerwiseConfig(steps=int(kv.get("steps", d.steps)), learning_rate=float(kv.get("lr", d.learning_rate)),
+                                    inputs=kv.get("inputs", d.inputs), noise=float(kv.get("noise", d.noise)),
+                                    max_sequences=int(kv.get("seqs", d.max_sequences)))  # fmt: skip
+    elif name != "drop":
+        raise SystemExit(f"unknown recipe {name!r}")
+    t0 = time.perf_counter()
+    recipe = EmulatorRecipe(selection=kv.get("sel", "redundancy"), layerwise=layerwise)
+    emulator, plan, record = make_emulator(full, tok, plan, recipe)
+    return emulator, plan, record, time.perf_counter() - t0
+
+
+def tasks_for(
+    names: list[str], root: str | None, block_size: int, eval_limit: int, train_limit: int
+) -> list:
+    out = []
+    for n in names:
+        if n == "shakespeare":
+            out.append(
+                PerplexityTask.from_files(
+                    SAMPLES / "shakespeare-train.txt", SAMPLES / "shakespeare-test.txt", 128, 48
+                )
+            )
+        else:
+            out.append(build_task(load_task(n), data_root(root), block_size=block_size, eval_limit=eval_limit,
+                                  train_limit=train_limit, seed=42))  # fmt: skip
+    return out
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    if len(xs) < 3:
+        return None
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        for rank, i in enumerate(order):
+            r[i] = float(rank)
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else None
+
+
+def table(rows: list[dict]) -> str:
+    head = "| task | recipe | build s | transfer score | emulator zero-shot | emulator fine-tuned | plug-in | full zero-shot | full fine-tuned | gap closed | privacy margin |"
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        acc = r["metric"] == "accuracy"
+        f = (lambda v: f"{100 * v:.1f}%") if acc else (lambda v: f"{v:.2f}")
+        margin = f"{100 * r['privacy_margin']:+.1f} pts" if acc else f"{r['privacy_margin']:.2f}x"
+        lines.append(f"| {r['task']} | {r['recipe']} | {r['build_s']:.0f} | {r['transfer']['mean']:.3f} | {f(r['emulator_zero_shot'])} | "
+                     f"{f(r['emulator_finetuned'])} | {f(r['plug_in'])} | {f(r['full_zero_shot'])} | {f(r['full_finetuned'])} | "
+                     f"{100 * r['gap_closed']:.0f}% | {margin} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--recipes", nargs="+", default=["drop", "layerwise"])
+    p.add_argument("--task", action="append", default=[])
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="the adapter's")
+    p.add_argument("--full-learning-rate", type=float, default=2e-4)
+    p.add_argument("--eval-limit", type=int, default=300)
+    p.add_argument("--train-limit", type=int, default=2000)
+    p.add_argument("--out", default="runs/transfer_study")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    full, tok = load_model(a.model), load_tokenizer(a.model)
+    full.requires_grad_(False)
+    tasks = tasks_for(a.task or ["shakespeare"], a.data_root, None, a.eval_limit, a.train_limit)
+    cfg = TrainConfig(
+        max_steps=a.steps,
+        batch_size=a.batch_size,
+        learning_rate=a.learning_rate,
+        warmup_steps=2,
+        save_every=0,
+    )
+    sample = load_data(PUBLIC_SAMPLE, tok, 128)
+    sample = replace(
+        sample, examples=sample.examples[64:80]
+    )  # not the sequences layer-wise fits on
+    ceilings: dict[str, float] = {}
+    rows = []
+    for spec in a.recipes:
+        emulator, plan, record, seconds = build(full, tok, spec)
+        score = transfer_score(full, emulator, plan, sample, pad_id=pad_id_of(tok))
+        print(
+            f"[{spec}] built in {seconds:.0f}s, kept {list(plan.kept)}, transfer {score}",
+            flush=True,
+        )
+        for task in tasks:
+            r = evaluate_offsite(full, tok, plan, emulator, task, cfg, full_finetune=task.name not in ceilings,
+                                 full_learning_rate=a.full_learning_rate)  # fmt: skip
+            if task.name in ceilings:
+                r["full_finetuned"] = ceilings[task.name]
+                r.update(derived(r))
+            ceilings[task.name] = r["full_finetuned"]
+            row = {"recipe": spec, "build_s": round(seconds, 1), "transfer": score, "kept": list(plan.kept),
+                   "adapter": list(plan.adapter), "record": record, **{k: v for k, v in r.items() if k != "curves"}}  # fmt: skip
+            rows.append(row)
+            with (out / "rows.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(table([row]).splitlines()[-1], flush=True)
+    (out / "table.md").write_text(table(rows))
+    print(table(rows))
+    for name in {r["task"] for r in rows}:
+        sub = [r for r in rows if r["task"] == name]
+        rho = spearman([r["transfer"]["mean"] for r in sub], [r["gap_closed"] for r in sub])
+        print(f"{name}: Spearman(transfer score, gap closed) = {rho}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Layer-wise distillation and the transfer score, over tiny models of several families."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import CORPUS, DEPTH, VOCAB, tiny_model
+
+from offsite.artefacts.bundle import open_bundle
+from offsite.emulator.build import build_emulator
+from offsite.emulator.layerwise import LayerwiseConfig, distill_layerwise, spans
+from offsite.emulator.package import package_emulator
+from offsite.emulator.plan import make_plan
+from offsite.emulator.recipe import EmulatorRecipe, make_emulator
+from offsite.emulator.transfer import transfer_score
+from offsite.errors import OffsiteError
+from offsite.models.architectures import get_blocks
+from offsite.training.data import text_data
+
+FAMILIES = [
+    "llama",
+    "gpt2",
+    "gemma2",
+    "opt",
+]  # rotary, learned positions, sliding windows, OPT's layout
+
+
+@pytest.fixture(scope="module")
+def sample(tokenizer):
+    return text_data(CORPUS, tokenizer, 16, "corpus")
+
+
+def test_spans_cover_the_middle_once():
+    plan = make_plan(12, emulator_layers=3)
+    table = spans(plan)
+    assert [k for k, _, _ in table] == list(plan.kept)
+    covered = [i for _, s, e in table for i in range(s, e)]
+    assert covered == list(plan.middle)
+    assert all(s <= k < e for k, s, e in table)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("inputs", ["emulator", "teacher"])
+def test_layerwise_lowers_each_span_loss_and_keeps_the_full_model(family, inputs, sample):
+    full = tiny_model(family)
+    before = {k: v.clone() for k, v in full.state_dict().items()}
+    plan = make_plan(DEPTH, emulator_layers=2)
+    emulator, record = distill_layerwise(
+        full, plan, sample, LayerwiseConfig(steps=40, learning_rate=3e-3, inputs=inputs)
+    )
+    trained = [s for s in record["spans"] if s["span"][1] > s["span"][0]]  # spans that drop blocks
+    assert trained and all(s["loss_last"] < s["loss_first"] for s in trained)
+    assert all(torch.equal(v, before[k]) for k, v in full.state_dict().items()), (
+        "the full model is untouched"
+    )
+    assert not any(p.requires_grad for p in emulator.parameters())
+    assert len(get_blocks(emulator)) == len(plan.emulator_order)
+    x = torch.randint(3, VOCAB, (1, 8))
+    with torch.no_grad():
+        assert emulator.generate(x, max_new_tokens=3, do_sample=False).shape == (1, 11)
+
+
+def test_layerwise_brings_the_emulator_closer_to_the_full_model(sample):
+    full = tiny_model("llama")
+    plan = make_plan(DEPTH, emulator_layers=2)
+    x = torch.tensor([e.input_ids for e in sample.examples[:8]])
+    emulator, _ = distill_layerwise(
+        full, plan, sample, LayerwiseConfig(steps=60, learning_rate=3e-3)
+    )
+    with torch.no_grad():
+        target = full(x).logits
+        drop_err = (build_emulator(full, plan)(x).logits - target).pow(2).mean()
+        lw_err = (emulator(x).logits - target).pow(2).mean()
+    assert lw_err < drop_err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transfer_score_is_one_when_nothing_is_dropped(family, sample):
+    full = tiny_model(family)
+    whole = make_plan(DEPTH, emulator_layers=DEPTH - 4)
+    score = transfer_score(full, build_emulator(full, whole), whole, sample)
+    assert score["mean"] == pytest.approx(1.0, abs=1e-3)
+    half = make_plan(DEPTH, emulator_layers=2)
+    assert transfer_score(full, build_emulator(full, half), half, sample)["mean"] < 0.999
+
+
+def test_recipe_records_layerwise_and_transfer_score_in_the_manifest(
+    tokenizer, tmp_path, corpus_file
+):
+    full = tiny_model("qwen2")
+    recipe = EmulatorRecipe(
+        selection_data=corpus_file, block_size=16, layerwise=LayerwiseConfig(steps=5)
+    )
+    emulator, plan, record = make_emulator(
+        full, tokenizer, make_plan(DEPTH, emulator_layers=2), recipe
+    )
+    package_emulator(full, tokenizer, plan, tmp_path / "b", base_name="q", emulator=emulator,
+                     extra={"emulator_recipe": record})  # fmt: skip
+    manifest = open_bundle(tmp_path / "b").manifest
+    assert manifest["emulator_recipe"]["layerwise"]["steps_per_block"] == 5
+    assert set(manifest["emulator_recipe"]["transfer_score"]) == {"0", "1", "6", "7", "mean"}
+    assert manifest["blocks"][0]["role"] == "adapter"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": 0}, "at least 1"), ({"learning_rate": float("inf")}, "positive number"),
+    ({"inputs": "x"}, "unknown"), ({"noise": -1.0}, ">= 0"),
+])  # fmt: skip
+def test_bad_layerwise_options(kwargs, message):
+    with pytest.raises(OffsiteError, match=message):
+        LayerwiseConfig(**kwargs)
