@@ -107,6 +107,34 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Gap closed against privacy margin, one point per recipe and task: the frontier to choose on."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], tasks, strict=True):
+        sub = [r for r in rows if r["task"] == name]
+        acc = sub[0]["metric"] == "accuracy"
+        for r in sub:
+            y = 100 * r["privacy_margin"] if acc else r["privacy_margin"]
+            ax.scatter(100 * r["gap_closed"], y)
+            ax.annotate(r["recipe"], (100 * r["gap_closed"], y), fontsize=7)
+        ax.axhline(3 if acc else 1.3, color="grey", linestyle=":", label="privacy floor")
+        ax.axvline(80, color="green", linestyle=":", label="80% of the gap")
+        ax.set_title(name)
+        ax.set_xlabel("gap closed by the plug-in (%)")
+        ax.set_ylabel(
+            "privacy margin (points)" if acc else "privacy margin (emulator fine-tuned / plug-in)"
+        )
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -160,6 +188,7 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
             print(table([row]).splitlines()[-1], flush=True)
     (out / "table.md").write_text(table(rows))
+    plot(rows, out / "frontier.png")
     print(table(rows))
     for name in {r["task"] for r in rows}:
         sub = [r for r in rows if r["task"] == name]

@@ -36,3 +36,18 @@ def test_privacy_utility_sweep_writes_table_json_and_plot(tmp_path, corpus_file,
     )
     assert (tmp_path / "r" / "report.md").read_text().count("\n") == 2 + len(rows)
     assert (tmp_path / "r" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_transfer_study_writes_rows_table_and_frontier(tmp_path, monkeypatch):
+    from scripts import transfer_study
+
+    save_tiny("llama", tmp_path / "model")
+    argv = ["transfer_study", "--model", str(tmp_path / "model"), "--recipes", "drop", "layerwise:steps=3,bottom=1,top=3",
+            "--steps", "2", "--out", str(tmp_path / "t")]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    transfer_study.main()
+    rows = [json.loads(line) for line in (tmp_path / "t" / "rows.jsonl").read_text().splitlines()]
+    assert [r["recipe"] for r in rows] == ["drop", "layerwise:steps=3,bottom=1,top=3"]
+    assert rows[1]["adapter"] == [0, 5, 6, 7] and "layerwise" in rows[1]["record"]
+    assert all(-1 <= r["transfer"]["mean"] <= 1 and r["full_finetuned"] == rows[0]["full_finetuned"] for r in rows)
+    assert (tmp_path / "t" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
