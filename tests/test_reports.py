@@ -49,5 +49,8 @@ def test_transfer_study_writes_rows_table_and_frontier(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (tmp_path / "t" / "rows.jsonl").read_text().splitlines()]
     assert [r["recipe"] for r in rows] == ["drop", "layerwise:steps=3,bottom=1,top=3"]
     assert rows[1]["adapter"] == [0, 5, 6, 7] and "layerwise" in rows[1]["record"]
-    assert all(-1 <= r["transfer"]["mean"] <= 1 and r["full_finetuned"] == rows[0]["full_finetuned"] for r in rows)
+    assert all(
+        -1 <= r["transfer"]["mean"] <= 1 and r["full_finetuned"] == rows[0]["full_finetuned"]
+        for r in rows
+    )
     assert (tmp_path / "t" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

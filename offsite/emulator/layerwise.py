@@ -16,10 +16,10 @@ Inputs: `teacher` trains every block on the full model's own hidden state enteri
 (local: the block imitates the span as a function); `emulator` feeds each block what the already
 distilled blocks below it produce (the emulator's own chain), so each block also corrects the
 error accumulated beneath it. `noise` adds Gaussian noise of that relative size to the inputs
-(with `teacher` inputs the target is then the span applied to the noisy input, so the block
-imitates the span around the data too, where a changed bottom adapter moves it; with `emulator`
-inputs the target stays the full model's output, so the block learns to return there from
-nearby inputs).
+to what the block sees and the same perturbation to the full model's state entering the span; the
+target is then the span's answer to the perturbed state, so the block also imitates how the span
+responds around the data (its Jacobian: what a changed bottom adapter meets, and what carries
+the bottom adapter's gradient).
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def _relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _train_block(
-    block, span_blocks, inputs, calls, targets, cfg: LayerwiseConfig, gen
+    block, span_blocks, inputs, teacher_inputs, calls, targets, cfg: LayerwiseConfig, gen
 ) -> tuple[float, float]:
     """Fit `block` to the span on the cached batches; returns the mean loss of the first and last steps."""
     block.train()
@@ -165,15 +165,18 @@ def _train_block(
         i = step % len(inputs)
         x, target = inputs[i], targets[i]
         if cfg.noise:
-            x = x + cfg.noise * x.pow(2).mean(-1, keepdim=True).sqrt() * torch.randn(
-                x.shape, generator=gen
+            # one perturbation, applied to what the block sees and to what the span sees: the block
+            # must answer a nudged input as the span answers the same nudge (its Jacobian)
+            delta = (
+                cfg.noise
+                * teacher_inputs[i].pow(2).mean(-1, keepdim=True).sqrt()
+                * torch.randn(x.shape, generator=gen)
             )
-            if cfg.inputs == "teacher":  # the span as a function around the data
-                with torch.no_grad():
-                    target = x
-                    for b, call in span_blocks:
-                        target = call[i].run(b, target)
-            # with the emulator's own inputs the target stays the full model's clean output
+            x = x + delta
+            with torch.no_grad():
+                target = teacher_inputs[i] + delta
+                for b, call in span_blocks:
+                    target = call[i].run(b, target)
         loss = _relative_error(calls[i].run(block, x), target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)
@@ -221,7 +224,9 @@ def distill_layerwise(
         first, last = (
             (0.0, 0.0)
             if trivial
-            else _train_block(block, span_blocks, inputs, calls, targets, cfg, gen)
+            else _train_block(
+                block, span_blocks, inputs, [b["in"][s] for b in cache], calls, targets, cfg, gen
+            )
         )
         with torch.no_grad():
             chain = [calls[i].run(block, x) for i, x in enumerate(chain)]
