@@ -122,6 +122,8 @@ def _add_layerwise(p) -> None:
     g.add_argument("--layerwise-inputs", choices=INPUTS, default=d.inputs,
                    help=f"what each block learns from: the emulator's own chain, or the full model's states (default {d.inputs})")  # fmt: skip
     g.add_argument("--layerwise-noise", type=float, default=d.noise, help=f"relative input noise (default {d.noise})")  # fmt: skip
+    g.add_argument("--layerwise-grad-weight", type=float, default=d.grad_weight,
+                   help=f"weight of matching the gradient each span passes down (default {d.grad_weight})")  # fmt: skip
     g.add_argument("--layerwise-sequences", type=int, default=d.max_sequences,
                    help=f"sample sequences (of --block-size tokens) to fit on (default {d.max_sequences})")  # fmt: skip
 

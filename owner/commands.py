@@ -90,7 +90,8 @@ def _recipe(args: argparse.Namespace) -> EmulatorRecipe:
     layerwise = None
     if args.layerwise_steps:
         layerwise = LayerwiseConfig(steps=args.layerwise_steps, learning_rate=args.layerwise_lr, inputs=args.layerwise_inputs,
-                                    noise=args.layerwise_noise, max_sequences=args.layerwise_sequences)  # fmt: skip
+                                    noise=args.layerwise_noise, max_sequences=args.layerwise_sequences,
+                                    grad_weight=args.layerwise_grad_weight)  # fmt: skip
     return EmulatorRecipe(
         selection="explicit" if args.emulator_blocks else args.selection, selection_data=path(args.selection_data),
         layerwise=layerwise,

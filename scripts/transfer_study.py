@@ -5,7 +5,7 @@
 
 A recipe is NAME[:key=value,...]: NAME is `drop` (selection only) or `layerwise`; keys: sel
 (redundancy|uniform|similarity), k (middle blocks kept; default half), bottom/top (adapter
-blocks), steps, lr, inputs (teacher|emulator), noise, seqs. Each recipe's emulator is built once
+blocks), steps, lr, inputs (teacher|emulator), noise, seqs, gw (gradient-matching weight). Each recipe's emulator is built once
 (timed), scored by the owner-side transfer score, then run through the five settings on every
 task with the same batches; the full-model ceiling is measured once per task. Writes
 OUT/rows.jsonl (one row per recipe and task, appended as they finish), OUT/table.md, and prints
@@ -50,7 +50,7 @@ def build(full, tok, spec: str) -> tuple:
         d = LayerwiseConfig()
         layerwise = LayerwiseConfig(steps=int(kv.get("steps", d.steps)), learning_rate=float(kv.get("lr", d.learning_rate)),
                                     inputs=kv.get("inputs", d.inputs), noise=float(kv.get("noise", d.noise)),
-                                    max_sequences=int(kv.get("seqs", d.max_sequences)))  # fmt: skip
+                                    max_sequences=int(kv.get("seqs", d.max_sequences)), grad_weight=float(kv.get("gw", d.grad_weight)))  # fmt: skip
     elif name != "drop":
         raise SystemExit(f"unknown recipe {name!r}")
     t0 = time.perf_counter()

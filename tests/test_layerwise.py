@@ -40,8 +40,11 @@ def test_spans_cover_the_middle_once():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("inputs, noise", [("emulator", 0.0), ("teacher", 0.0), ("emulator", 0.05)])
-def test_layerwise_lowers_each_span_loss_and_keeps_the_full_model(family, inputs, noise, sample):
+@pytest.mark.parametrize("inputs, noise, gw", [("emulator", 0.0, 0.0), ("teacher", 0.0, 0.0), ("emulator", 0.05, 0.0),
+                                               ("emulator", 0.0, 1.0)])  # fmt: skip
+def test_layerwise_lowers_each_span_loss_and_keeps_the_full_model(
+    family, inputs, noise, gw, sample
+):
     full = tiny_model(family)
     before = {k: v.clone() for k, v in full.state_dict().items()}
     plan = make_plan(DEPTH, emulator_layers=2)

@@ -53,6 +53,7 @@ class LayerwiseConfig:
     max_sequences: int = 64
     inputs: str = "emulator"
     noise: float = 0.0
+    grad_weight: float = 0.0  # also match the LM-loss gradient each span passes down (its VJP)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,6 +69,8 @@ class LayerwiseConfig:
             )
         if not (math.isfinite(self.noise) and self.noise >= 0):
             raise OffsiteError(f"--layerwise-noise must be >= 0 (got {self.noise})")
+        if not (math.isfinite(self.grad_weight) and self.grad_weight >= 0):
+            raise OffsiteError(f"--layerwise-grad-weight must be >= 0 (got {self.grad_weight})")
 
 
 def spans(plan: SplitPlan) -> list[tuple[int, int, int]]:
@@ -99,47 +102,66 @@ class _Call:
 
 @torch.no_grad()
 def _capture(
-    full: PreTrainedModel, data: TokenData, batch_size: int, table: list[tuple[int, int, int]]
+    full: PreTrainedModel,
+    data: TokenData,
+    batch_size: int,
+    table: list[tuple[int, int, int]],
+    grads: bool,
 ):
-    """Per batch: the hidden state entering each span and leaving it, and how every block was called."""
+    """Per batch: the hidden state entering each span and leaving it, how every block was called,
+    and (with `grads`) the LM-loss gradient with respect to both states."""
     starts, ends = {s for _, s, _ in table}, {e - 1 for _, _, e in table}
     wanted = {i for _, s, e in table for i in range(s, e)}
+    first = min(starts)
     blocks = get_blocks(full)
     batches, current = [], {}
 
+    def keep_grad(kind, i, x):
+        if grads and x.requires_grad:
+            x.register_hook(lambda g: current.setdefault(kind, {}).__setitem__(i, g.detach()))
+
     def pre(i):
         def fn(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            if grads and i == first:  # the graph starts here: nothing below needs a gradient
+                x = x.detach().requires_grad_(True)
+                args, kwargs = (
+                    ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+                )
             if i in starts:
-                current.setdefault("in", {})[i] = (
-                    args[0] if args else kwargs["hidden_states"]
-                ).detach()
+                current.setdefault("in", {})[i] = x.detach()
+                keep_grad("gin", i, x)
             calls = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value", "layer_past")}  # fmt: skip
             current.setdefault("call", {})[i] = _Call(tuple(args), calls)
+            return args, kwargs
 
         return fn
 
     def post(i):
         def fn(module, args, output):
             current.setdefault("out", {})[i] = _hidden(output).detach()
+            keep_grad("gout", i, _hidden(output))
 
         return fn
 
     handles = [blocks[i].register_forward_pre_hook(pre(i), with_kwargs=True) for i in wanted]
     handles += [blocks[i].register_forward_hook(post(i)) for i in ends]
+    saved = {p: p.requires_grad for p in full.parameters()}
+    full.requires_grad_(False)
     try:
-        with eval_mode(full):
+        with eval_mode(full), torch.set_grad_enabled(grads):
             for start in range(0, len(data), batch_size):
                 batch = collate(data.examples[start : start + batch_size], 0)
                 current = {}
-                full(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    use_cache=False,
-                )
+                out = full(**batch, use_cache=False)
+                if grads:
+                    out.loss.backward()
                 batches.append(current)
     finally:
         for h in handles:
             h.remove()
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
     return batches
 
 
@@ -151,7 +173,15 @@ def _relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _train_block(
-    block, span_blocks, inputs, teacher_inputs, calls, targets, cfg: LayerwiseConfig, gen
+    block,
+    span_blocks,
+    inputs,
+    teacher_inputs,
+    calls,
+    targets,
+    cfg: LayerwiseConfig,
+    gen,
+    grads=None,
 ) -> tuple[float, float]:
     """Fit `block` to the span on the cached batches; returns the mean loss of the first and last steps."""
     block.train()
@@ -177,7 +207,14 @@ def _train_block(
                 target = teacher_inputs[i] + delta
                 for b, call in span_blocks:
                     target = call[i].run(b, target)
-        loss = _relative_error(calls[i].run(block, x), target)
+        if grads is None:
+            loss = _relative_error(calls[i].run(block, x), target)
+        else:  # and the gradient it passes down: what the bottom adapter receives
+            x = x.detach().requires_grad_(True)
+            out = calls[i].run(block, x)
+            g_in, g_out = grads[i]
+            (g,) = torch.autograd.grad(out, x, grad_outputs=g_out, create_graph=True)
+            loss = _relative_error(out, target) + cfg.grad_weight * _relative_error(g, g_in)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)
         opt.step()
@@ -204,7 +241,7 @@ def distill_layerwise(
     t0 = time.perf_counter()
     sample = TokenData(data.examples[: cfg.max_sequences], data.source, data.sha256, data.mode)
     table = spans(plan)
-    cache = _capture(full, sample, cfg.batch_size, table)
+    cache = _capture(full, sample, cfg.batch_size, table, grads=cfg.grad_weight > 0)
     emulator = build_emulator(full, plan)
     emulator.requires_grad_(False)
     order, full_blocks, emu_blocks = (
@@ -225,7 +262,15 @@ def distill_layerwise(
             (0.0, 0.0)
             if trivial
             else _train_block(
-                block, span_blocks, inputs, [b["in"][s] for b in cache], calls, targets, cfg, gen
+                block,
+                span_blocks,
+                inputs,
+                [b["in"][s] for b in cache],
+                calls,
+                targets,
+                cfg,
+                gen,
+                [(b["gin"][s], b["gout"][e - 1]) for b in cache] if cfg.grad_weight else None,
             )
         )
         with torch.no_grad():
@@ -239,6 +284,6 @@ def distill_layerwise(
             on_block(n + 1, len(table))
     emulator.eval()
     record = {"method": "layerwise", "steps_per_block": cfg.steps, "learning_rate": cfg.learning_rate,
-              "batch_size": cfg.batch_size, "sequences": len(sample), "inputs": cfg.inputs, "noise": cfg.noise,
+              "batch_size": cfg.batch_size, "sequences": len(sample), "inputs": cfg.inputs, "noise": cfg.noise, "grad_weight": cfg.grad_weight,
               "data_sha256": data.sha256, "seconds": round(time.perf_counter() - t0, 1), "spans": report}  # fmt: skip
     return emulator, record
