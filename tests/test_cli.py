@@ -208,7 +208,9 @@ def test_evaluate_offsite_writes_the_five_settings(flow, tmp_path, capsys):
     capsys.readouterr()
     assert owner([*args, "--model", str(flow / "model"), "--out", str(tmp_path / "r"), "--full-learning-rate", "1e-3"]) == 0  # fmt: skip
     result = json.loads((tmp_path / "r" / "corpus" / "result.json").read_text())
-    assert (result["learning_rate"], result["full_learning_rate"]) == (2e-4, 1e-3)
+    from offsite.training.finetune import ADAPTER_LEARNING_RATE
+
+    assert (result["learning_rate"], result["full_learning_rate"]) == (ADAPTER_LEARNING_RATE, 1e-3)
     assert {
         "full_zero_shot",
         "emulator_zero_shot",
