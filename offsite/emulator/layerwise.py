@@ -24,9 +24,10 @@ the bottom adapter's gradient).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -241,7 +242,8 @@ def distill_layerwise(
     t0 = time.perf_counter()
     sample = TokenData(data.examples[: cfg.max_sequences], data.source, data.sha256, data.mode)
     table = spans(plan)
-    cache = _capture(full, sample, cfg.batch_size, table, grads=cfg.grad_weight > 0)
+    with _eager_attention(full, cfg.grad_weight > 0):  # masks captured for the kernel that trains
+        cache = _capture(full, sample, cfg.batch_size, table, grads=cfg.grad_weight > 0)
     emulator = build_emulator(full, plan)
     emulator.requires_grad_(False)
     order, full_blocks, emu_blocks = (
@@ -250,6 +252,34 @@ def distill_layerwise(
         get_blocks(emulator),
     )
     chain = [b["in"][table[0][1]] for b in cache]  # what enters the first span, batch by batch
+    with _eager_attention(emulator, cfg.grad_weight > 0):
+        report = _fit_spans(table, cache, chain, order, full_blocks, emu_blocks, cfg, gen, on_block)
+    emulator.eval()
+    record = {"method": "layerwise", "steps_per_block": cfg.steps, "learning_rate": cfg.learning_rate,
+              "batch_size": cfg.batch_size, "sequences": len(sample), "inputs": cfg.inputs, "noise": cfg.noise,
+              "grad_weight": cfg.grad_weight, "data_sha256": data.sha256, "seconds": round(time.perf_counter() - t0, 1),
+              "spans": report}  # fmt: skip
+    return emulator, record
+
+
+@contextlib.contextmanager
+def _eager_attention(model: PreTrainedModel, needed: bool) -> Iterator[None]:
+    """Attention's eager kernel for the block: matching gradients differentiates through a backward
+    pass, which CPU's fused attention kernels do not support."""
+    original = model.config._attn_implementation
+    if needed and original != "eager":
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if model.config._attn_implementation != original:
+            model.set_attn_implementation(original)
+
+
+def _fit_spans(
+    table, cache, chain, order, full_blocks, emu_blocks, cfg: LayerwiseConfig, gen, on_block
+) -> list[dict]:
+    """Fit each kept block to its span in turn (the chain carries what the fitted blocks produce)."""
     report = []
     for n, (k, s, e) in enumerate(table):
         block = emu_blocks[order.index(k)]
@@ -282,8 +312,4 @@ def distill_layerwise(
                        "chain_error": round(end_error, 5)})  # fmt: skip
         if on_block:
             on_block(n + 1, len(table))
-    emulator.eval()
-    record = {"method": "layerwise", "steps_per_block": cfg.steps, "learning_rate": cfg.learning_rate,
-              "batch_size": cfg.batch_size, "sequences": len(sample), "inputs": cfg.inputs, "noise": cfg.noise, "grad_weight": cfg.grad_weight,
-              "data_sha256": data.sha256, "seconds": round(time.perf_counter() - t0, 1), "spans": report}  # fmt: skip
-    return emulator, record
+    return report
