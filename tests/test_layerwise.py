@@ -100,7 +100,11 @@ def test_recipe_records_layerwise_and_transfer_score_in_the_manifest(
     package_emulator(full, tokenizer, plan, tmp_path / "b", base_name="q", emulator=emulator,
                      extra={"emulator_recipe": record})  # fmt: skip
     manifest = open_bundle(tmp_path / "b").manifest
-    assert manifest["emulator_recipe"]["layerwise"]["steps_per_block"] == 5
+    lw = manifest["emulator_recipe"]["layerwise"]
+    assert lw["steps_per_block"] == 5
+    assert lw["kept"] == (
+        "fitted" if lw["transfer_score_fitted"] >= lw["transfer_score_dropped"] else "dropped"
+    )
     assert set(manifest["emulator_recipe"]["transfer_score"]) == {"0", "1", "6", "7", "mean"}
     assert manifest["blocks"][0]["role"] == "adapter"
 
@@ -112,3 +116,29 @@ def test_recipe_records_layerwise_and_transfer_score_in_the_manifest(
 def test_bad_layerwise_options(kwargs, message):
     with pytest.raises(OffsiteError, match=message):
         LayerwiseConfig(**kwargs)
+
+
+def test_a_fitted_emulator_that_scores_worse_than_dropping_is_not_kept(
+    tokenizer, corpus_file, monkeypatch
+):
+    from offsite.emulator import recipe as recipe_module
+
+    def broken(full, plan, data, cfg):
+        emulator = build_emulator(full, plan)
+        with torch.no_grad():
+            for p in get_blocks(emulator)[2].parameters():
+                p.mul_(-50.0)  # a "fit" that wrecks the gradients the adapter receives
+        return emulator, {"method": "layerwise"}
+
+    monkeypatch.setattr(recipe_module, "distill_layerwise", broken)
+    full = tiny_model("llama")
+    recipe = EmulatorRecipe(
+        selection_data=corpus_file, block_size=16, layerwise=LayerwiseConfig(steps=1)
+    )
+    emulator, plan, record = make_emulator(
+        full, tokenizer, make_plan(DEPTH, emulator_layers=2), recipe
+    )
+    assert record["layerwise"]["kept"] == "dropped"
+    x = torch.randint(3, VOCAB, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(emulator(x).logits, build_emulator(full, plan)(x).logits)

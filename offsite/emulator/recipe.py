@@ -76,9 +76,18 @@ def make_emulator(
         plan = select_plan(plan, recipe.selection, stats)
         record["selection"]["redundancy"] = [round(x, 5) for x in stats.redundancy]
     record["selection"].update(strategy=plan.strategy, kept=list(plan.kept))
+    # the transfer score is measured on sequences the layer-wise fit does not use
+    held = (
+        sample.examples[-TRANSFER_SEQUENCES:]
+        if len(sample) > 2 * TRANSFER_SEQUENCES
+        else sample.examples
+    )
+    scored = TokenData(held[:TRANSFER_SEQUENCES], sample.source, sample.sha256, sample.mode)
+    score = lambda emu: transfer_score(full, emu, plan, scored, pad_id=pad_id_of(tokenizer))  # noqa: E731
     emulator = None
     if recipe.layerwise is not None:
-        emulator, record["layerwise"] = distill_layerwise(full, plan, sample, recipe.layerwise)
+        fitted, record["layerwise"] = distill_layerwise(full, plan, sample, recipe.layerwise)
+        emulator = _better_of(build_emulator(full, plan), fitted, score, record["layerwise"])
     if recipe.distill_data is not None:
         emulator, record["distillation"] = _distil(full, tokenizer, plan, recipe, emulator, on_step)
     emulator = emulator if emulator is not None else build_emulator(full, plan)
@@ -89,17 +98,25 @@ def make_emulator(
     if recipe.quantize_bits is not None:
         quantize_weights(emulator, positions, recipe.quantize_bits)
         record["quantization"] = {"method": "symmetric per-row", "bits": recipe.quantize_bits}
-    # scored on sequences the layer-wise fit did not use (when the sample has them)
-    held = (
-        sample.examples[-TRANSFER_SEQUENCES:]
-        if len(sample) > 2 * TRANSFER_SEQUENCES
-        else sample.examples
-    )
-    scored = TokenData(held[:TRANSFER_SEQUENCES], sample.source, sample.sha256, sample.mode)
-    record["transfer_score"] = transfer_score(
-        full, emulator, plan, scored, pad_id=pad_id_of(tokenizer)
-    )
+    record["transfer_score"] = score(emulator)
     return emulator, plan, record
+
+
+def _better_of(
+    dropped: PreTrainedModel, fitted: PreTrainedModel, score, record: dict
+) -> PreTrainedModel:
+    """Keep the layer-wise emulator only if its transfer score beats the plain drop's (same plan:
+    where the score ranked the recipes as the plug-in did); the record says which was kept."""
+    record["transfer_score_dropped"], record["transfer_score_fitted"] = (
+        score(dropped)["mean"],
+        score(fitted)["mean"],
+    )
+    record["kept"] = (
+        "fitted"
+        if record["transfer_score_fitted"] >= record["transfer_score_dropped"]
+        else "dropped"
+    )
+    return fitted if record["kept"] == "fitted" else dropped
 
 
 def _distil(
