@@ -16,6 +16,7 @@ import itertools
 import json
 from pathlib import Path
 
+from offsite.emulator.layerwise import LayerwiseConfig
 from offsite.emulator.plan import make_plan
 from offsite.emulator.recipe import EmulatorRecipe, make_emulator
 from offsite.emulator.selection import RULES
@@ -78,6 +79,7 @@ def main() -> None:
         "--distill-data", default=None, help="also sweep distilled emulators on this public corpus"
     )
     p.add_argument("--distill-steps", type=int, default=150)
+    p.add_argument("--layerwise-steps", type=int, default=0, help="also sweep layer-wise distilled emulators (steps per block)")  # fmt: skip
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--learning-rate", type=float, default=2e-4, help="the adapter's peak learning rate")  # fmt: skip
@@ -100,14 +102,20 @@ def main() -> None:
         warmup_steps=2,
         save_every=0,
     )
-    recipes = [("no distillation", None)] + (
-        [("distilled", Path(a.distill_data))] if a.distill_data else []
+    distill = TrainConfig(
+        max_steps=a.distill_steps, learning_rate=1e-4, warmup_steps=10, eval_every=25
     )
+    recipes = [("no distillation", {})]
+    if a.layerwise_steps:
+        recipes.append(("layer-wise", {"layerwise": LayerwiseConfig(steps=a.layerwise_steps)}))
+    if a.distill_data:
+        recipes.append(("distilled", {"distill_data": Path(a.distill_data), "distill": distill}))
     rows, full_ft = [], None
     for k in a.kept:
-        for name, distill in recipes:
-            recipe = EmulatorRecipe(selection=a.selection, selection_data=Path(a.selection_data or a.train), distill_data=distill,
-                                    distill=TrainConfig(max_steps=a.distill_steps, learning_rate=1e-4, warmup_steps=10, eval_every=25))  # fmt: skip
+        for name, options in recipes:
+            recipe = EmulatorRecipe(
+                selection=a.selection, selection_data=Path(a.selection_data or a.train), **options
+            )
             emulator, plan, _ = make_emulator(
                 full, tok, make_plan(num_blocks(full.config), emulator_layers=k), recipe
             )

@@ -13,7 +13,7 @@ def test_privacy_utility_sweep_writes_table_json_and_plot(tmp_path, corpus_file,
     save_tiny("llama", tmp_path / "model")
     argv = ["privacy_utility", "--model", str(tmp_path / "model"), "--train", str(corpus_file), "--test", str(corpus_file),
             "--kept", "1", "2", "--steps", "2", "--block-size", "16", "--eval-sequences", "4", "--out", str(tmp_path / "r"),
-            "--distill-data", str(corpus_file), "--distill-steps", "2"]  # fmt: skip
+            "--distill-data", str(corpus_file), "--distill-steps", "2", "--layerwise-steps", "2"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     ceilings = []
     original = Scoreboard.full_finetune
@@ -26,10 +26,7 @@ def test_privacy_utility_sweep_writes_table_json_and_plot(tmp_path, corpus_file,
     assert len(ceilings) == 1, "the ceiling is measured once for the whole sweep"
     rows = json.loads((tmp_path / "r" / "report.json").read_text())
     assert [(r["kept"], r["recipe"]) for r in rows] == [
-        (1, "no distillation"),
-        (1, "distilled"),
-        (2, "no distillation"),
-        (2, "distilled"),
+        (k, name) for k in (1, 2) for name in ("no distillation", "layer-wise", "distilled")
     ]
     assert all(r["full_finetuned"] == rows[0]["full_finetuned"] for r in rows), (
         "the ceiling is measured once"
