@@ -35,7 +35,8 @@ class EmulatorRecipe:
         default_factory=lambda: TrainConfig(max_steps=200, learning_rate=1e-4, warmup_steps=20)
     )
     distill_weight: float = DEFAULT_WEIGHT
-    layerwise: LayerwiseConfig | None = None  # fit each kept block to its span first (cheap)
+    # fit each kept block to its span (cheap; measured in the README's transfer study); None: off
+    layerwise: LayerwiseConfig | None = field(default_factory=LayerwiseConfig)
     block_size: int = 256
     val_fraction: float = 0.05
     prune: float = 0.0
