@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from offsite.emulator.layerwise import INPUTS, LayerwiseConfig
+from offsite.emulator.package import PackageSpec
 from offsite.emulator.recipe import EmulatorRecipe
 from offsite.emulator.selection import RULES
 from offsite.evaluation.recipe import EvaluateSpec
@@ -27,6 +28,9 @@ from owner.commands import (
     cmd_serve,
 )
 
+PKG = PackageSpec(out=Path())  # the library's defaults, shown and used by the options
+RECIPE = EmulatorRecipe()
+
 
 def _add_package(sub) -> None:
     p = sub.add_parser("package-emulator", help="full model in, emulator bundle out")
@@ -47,10 +51,16 @@ def _add_package(sub) -> None:
         "--for", dest="for_", default=None, help="the enrolled data owner this bundle is issued to"
     )
     p.add_argument(
-        "--adapter-bottom", type=int, default=2, help="bottom blocks in the adapter (default 2)"
+        "--adapter-bottom",
+        type=int,
+        default=PKG.adapter_bottom,
+        help=f"bottom blocks in the adapter (default {PKG.adapter_bottom})",
     )
     p.add_argument(
-        "--adapter-top", type=int, default=2, help="top blocks in the adapter (default 2)"
+        "--adapter-top",
+        type=int,
+        default=PKG.adapter_top,
+        help=f"top blocks in the adapter (default {PKG.adapter_top})",
     )
     p.add_argument(
         "--adapter-blocks",
@@ -81,7 +91,7 @@ def _add_package(sub) -> None:
 
 def _add_quality(p) -> None:
     g = p.add_argument_group("emulator quality")
-    g.add_argument("--selection", choices=RULES, default="redundancy",
+    g.add_argument("--selection", choices=RULES, default=RECIPE.selection,
                    help="which middle blocks to keep: redundancy (default: drop the blocks that change their input least), "
                    "uniform (the paper's rule), similarity (CRaSh-style clusters)")  # fmt: skip
     g.add_argument(
@@ -130,23 +140,34 @@ def _add_layerwise(p) -> None:
 
 def _add_distill(g) -> None:
     g.add_argument(
-        "--distill-steps", type=int, default=200, help="distillation optimizer steps (default 200)"
+        "--distill-steps",
+        type=int,
+        default=RECIPE.distill.max_steps,
+        help=f"distillation optimizer steps (default {RECIPE.distill.max_steps})",
     )
     g.add_argument(
         "--distill-lr",
         type=float,
-        default=1e-4,
+        default=RECIPE.distill.learning_rate,
         help="distillation learning rate (default 1e-4, cosine)",
     )
-    g.add_argument("--distill-warmup", type=int, default=20, help="warm-up steps (default 20)")
+    g.add_argument(
+        "--distill-warmup",
+        type=int,
+        default=RECIPE.distill.warmup_steps,
+        help=f"warm-up steps (default {RECIPE.distill.warmup_steps})",
+    )
     g.add_argument(
         "--distill-weight",
         type=float,
-        default=30.0,
+        default=RECIPE.distill_weight,
         help="weight w of the hidden-state loss (default 30)",
     )
     g.add_argument(
-        "--distill-batch-size", type=int, default=4, help="sequences per step (default 4)"
+        "--distill-batch-size",
+        type=int,
+        default=RECIPE.distill.batch_size,
+        help=f"sequences per step (default {RECIPE.distill.batch_size})",
     )
     g.add_argument(
         "--distill-eval-every",
@@ -157,7 +178,7 @@ def _add_distill(g) -> None:
     g.add_argument(
         "--block-size",
         type=int,
-        default=256,
+        default=RECIPE.block_size,
         help="tokens per sequence for selection and distillation",
     )
     g.add_argument(
