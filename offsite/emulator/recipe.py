@@ -85,12 +85,15 @@ def make_emulator(
     )
     scored = TokenData(held[:TRANSFER_SEQUENCES], sample.source, sample.sha256, sample.mode)
     score = lambda emu: transfer_score(full, emu, plan, scored, pad_id=pad_id_of(tokenizer))  # noqa: E731
-    emulator = None
+    emulator, scored_as = None, None
     if recipe.layerwise is not None:
         fitted, record["layerwise"] = distill_layerwise(full, plan, sample, recipe.layerwise)
-        emulator = _better_of(build_emulator(full, plan), fitted, score, record["layerwise"])
+        emulator, scored_as = _better_of(
+            build_emulator(full, plan), fitted, score, record["layerwise"]
+        )
     if recipe.distill_data is not None:
         emulator, record["distillation"] = _distil(full, tokenizer, plan, recipe, emulator, on_step)
+        scored_as = None
     emulator = emulator if emulator is not None else build_emulator(full, plan)
     positions = [plan.emulator_order.index(i) for i in plan.kept]
     if recipe.prune:
@@ -99,25 +102,28 @@ def make_emulator(
     if recipe.quantize_bits is not None:
         quantize_weights(emulator, positions, recipe.quantize_bits)
         record["quantization"] = {"method": "symmetric per-row", "bits": recipe.quantize_bits}
-    record["transfer_score"] = score(emulator)
+    changed = recipe.prune or recipe.quantize_bits is not None
+    record["transfer_score"] = (
+        scored_as if scored_as is not None and not changed else score(emulator)
+    )
     return emulator, plan, record
 
 
 def _better_of(
     dropped: PreTrainedModel, fitted: PreTrainedModel, score, record: dict
-) -> PreTrainedModel:
+) -> tuple[PreTrainedModel, dict]:
     """Keep the layer-wise emulator only if its transfer score beats the plain drop's (same plan:
     where the score ranked the recipes as the plug-in did); the record says which was kept."""
+    scores = {"dropped": score(dropped), "fitted": score(fitted)}
     record["transfer_score_dropped"], record["transfer_score_fitted"] = (
-        score(dropped)["mean"],
-        score(fitted)["mean"],
+        scores[k]["mean"] for k in ("dropped", "fitted")
     )
     record["kept"] = (
         "fitted"
         if record["transfer_score_fitted"] >= record["transfer_score_dropped"]
         else "dropped"
     )
-    return fitted if record["kept"] == "fitted" else dropped
+    return (fitted if record["kept"] == "fitted" else dropped), scores[record["kept"]]
 
 
 def _distil(
