@@ -42,6 +42,12 @@ from offsite.models.modes import eval_mode
 from offsite.training.data import TokenData, collate
 
 INPUTS = ("teacher", "emulator")
+_NOT_PASSED = (
+    "hidden_states",
+    "past_key_values",
+    "past_key_value",
+    "layer_past",
+)  # when re-calling a block
 
 
 @dataclass(frozen=True)
@@ -109,8 +115,7 @@ def _capture(
     table: list[tuple[int, int, int]],
     grads: bool,
 ):
-    """Per batch: the hidden state entering each span and leaving it, how every block was called,
-    and (with `grads`) the LM-loss gradient with respect to both states."""
+    """Per batch: the states entering and leaving each span, every block's call, (`grads`) their gradients."""
     starts, ends = {s for _, s, _ in table}, {e - 1 for _, _, e in table}
     wanted = {i for _, s, e in table for i in range(s, e)}
     first = min(starts)
@@ -132,7 +137,7 @@ def _capture(
             if i in starts:
                 current.setdefault("in", {})[i] = x.detach()
                 keep_grad("gin", i, x)
-            calls = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value", "layer_past")}  # fmt: skip
+            calls = {k: v for k, v in kwargs.items() if k not in _NOT_PASSED}
             current.setdefault("call", {})[i] = _Call(tuple(args), calls)
             return args, kwargs
 
@@ -152,9 +157,8 @@ def _capture(
     try:
         with eval_mode(full), torch.set_grad_enabled(grads):
             for start in range(0, len(data), batch_size):
-                batch = collate(data.examples[start : start + batch_size], 0)
                 current = {}
-                out = full(**batch, use_cache=False)
+                out = full(**collate(data.examples[start : start + batch_size], 0), use_cache=False)
                 if grads:
                     out.loss.backward()
                 batches.append(current)
