@@ -56,7 +56,7 @@ def test_a_verified_record_is_never_replaced(env, tmp_path):
 
 
 def test_one_data_owner_cannot_starve_another(env):
-    limits = ServiceLimits(max_calls=8, max_calls_per_identity=3, idle_stream_s=2.0)
+    limits = ServiceLimits(max_calls=8, max_calls_per_identity=3, idle_stream_s=8.0)
     channels, streams = [], []
     with thread_server(env["home"], limits=limits) as address:
         acme = env["creds"]["acme"]
@@ -66,7 +66,7 @@ def test_one_data_owner_cannot_starve_another(env):
             blocker = threading.Event()
 
             def idle(b=blocker):
-                b.wait(10)
+                b.wait(12)
                 return
                 yield  # noqa: B901 - a generator that sends nothing
 
@@ -77,7 +77,8 @@ def test_one_data_owner_cannot_starve_another(env):
         with connect(address, env["creds"]["bob"], retry=RetryPolicy(attempts=1)) as client:
             for _ in range(5):
                 assert client.health()["identity"] == "bob"
-        assert time.perf_counter() - start < 5, "bob's calls must not wait for acme's idle streams"
+        # well before any idle stream is cancelled (8 s): the per-identity cap, not the timeout, kept room
+        assert time.perf_counter() - start < 6, "bob's calls must not wait for acme's idle streams"
         codes = set()
         for future in streams:
             with pytest.raises(grpc.RpcError) as err:
