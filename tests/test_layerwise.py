@@ -100,6 +100,20 @@ def test_recipe_records_layerwise_and_transfer_score_in_the_manifest(
     package_emulator(full, tokenizer, plan, tmp_path / "b", base_name="q", emulator=emulator,
                      extra={"emulator_recipe": record})  # fmt: skip
     manifest = open_bundle(tmp_path / "b").manifest
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "b")  # plain transformers
+    assert len(get_blocks(loaded)) == len(plan.emulator_order)  # no dropped block's weights
+    x = torch.randint(3, VOCAB, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, emulator(x).logits)
+        assert loaded.generate(x, max_new_tokens=2, do_sample=False).shape == (1, 10)
+    assert [b["source"] for b in manifest["blocks"] if b["role"] == "adapter"] == [
+        0,
+        1,
+        6,
+        7,
+    ]  # placement
     lw = manifest["emulator_recipe"]["layerwise"]
     assert lw["steps_per_block"] == 5
     assert lw["kept"] == (
