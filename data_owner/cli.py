@@ -39,15 +39,20 @@ def _bytes_bar(desc: str) -> tqdm:
 
 
 def _fetch(owner, bundle_id: str | None, out: Path) -> Bundle:
-    from offsite.transport.client import fetch, pick_bundle
+    from offsite.transport.client import fetch
 
-    total = sum(f["size"] for f in pick_bundle(owner.list_bundles(), bundle_id)["files"])
-    bar = _bytes_bar("downloading")
-    bar.total = total
+    bar = None
+
+    def start(total: int) -> None:  # the bar appears only once there is something to download
+        nonlocal bar
+        bar = _bytes_bar("downloading")
+        bar.total = total
+
     try:
-        return fetch(owner, bundle_id, out, on_bytes=bar.update)
+        return fetch(owner, bundle_id, out, on_bytes=lambda n: bar.update(n), on_total=start)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
 
 def _verified_bundle(path: Path, credentials: Credentials | None) -> Bundle:

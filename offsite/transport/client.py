@@ -167,8 +167,9 @@ class OwnerClient:
     # download
     def fetch_bundle(
         self, bundle_id: str, out: Path, on_bytes: Callable[[int], None] | None = None
-    ) -> Path:
-        """Download a bundle into `out` (resuming a previous partial download), verify it, then rename it into place."""
+    ) -> Bundle:
+        """Download a bundle into `out` (resuming a previous partial download), verify it, then rename
+        it into place; returns it (its files were hashed as they arrived, not read again)."""
         if out.exists():
             raise OffsiteError(f"{out}: already exists; choose another --out")
         info = next((b for b in self.list_bundles() if b["bundle_id"] == bundle_id), None)
@@ -186,17 +187,18 @@ class OwnerClient:
                 )
             hashed[f["name"]] = self._fetch_file(bundle_id, f, staging, on_bytes)
         try:
-            self._check_bundle(staging, hashed)
+            bundle = self._check_bundle(staging, hashed)
         except OffsiteError:
             shutil.rmtree(staging, ignore_errors=True)  # tampered content must not be resumed
             raise
         os.replace(staging, out)
-        return out
+        return Bundle(out, bundle.manifest)
 
-    def _check_bundle(self, path: Path, hashed: dict[str, str]) -> None:
+    def _check_bundle(self, path: Path, hashed: dict[str, str]) -> Bundle:
         bundle = open_bundle(path, hashed)
         if self.credentials is not None:
             self.credentials.check_bundle(bundle)
+        return bundle
 
     def _fetch_file(self, bundle_id: str, f: dict, staging: Path, on_bytes) -> str:
         """Download one file (resuming its .part), hashing as it arrives; returns its sha256."""
@@ -356,11 +358,14 @@ def fetch(
     bundle_id: str | None,
     out: Path,
     on_bytes: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
 ) -> Bundle:
-    """`data-owner fetch`: download a bundle issued to us (resumable), verified before it is in place."""
+    """`data-owner fetch`: download a bundle issued to us (resumable), verified before it is in
+    place; `on_total` hears its size in bytes before the download starts."""
     info = pick_bundle(owner.list_bundles(), bundle_id)
-    owner.fetch_bundle(info["bundle_id"], out, on_bytes=on_bytes)
-    return open_bundle(out)
+    if on_total:
+        on_total(sum(f["size"] for f in info["files"]))
+    return owner.fetch_bundle(info["bundle_id"], out, on_bytes=on_bytes)
 
 
 def submit(
