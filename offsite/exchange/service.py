@@ -174,7 +174,9 @@ class OwnerService:
         self.registry.open_upload(upload_id, identity, bundle_id, files)
         if existing is not None and existing["state"] == "expired":  # started again from zero
             self.registry.set_upload_state(upload_id, "open")
-        if self.registry.upload(upload_id)["state"] == "open":  # a committed one needs no folder
+        if (
+            existing is None or existing["state"] != "committed"
+        ):  # open now; a committed one needs no folder
             (self.home.uploads / upload_id).mkdir(parents=True, exist_ok=True)
             self.registry.touch_upload(upload_id)
         log.info("%s began upload %s for bundle %s", identity, upload_id, bundle_id[:19])
