@@ -7,6 +7,7 @@ from offsite.artefacts.adapter import WEIGHTS_NAME
 from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import make_plan
 from offsite.errors import OffsiteError
+from offsite.training.checkpoint import MARKER, claim_checkpoint_dir
 from offsite.training.finetune import FinetuneJob, finetune_bundle
 from offsite.training.loop import TrainConfig, epoch_batches
 
@@ -100,3 +101,16 @@ def test_too_little_data_for_one_step_is_a_clear_error(bundle, tmp_path, corpus_
 def test_invalid_training_config(kwargs, message):
     with pytest.raises(OffsiteError, match=message):
         TrainConfig(**kwargs)
+
+
+def test_claim_tolerates_another_process_writing_the_marker(tmp_path):
+    """torchrun: a second process finding the first's marker half-written is not 'someone else's files'."""
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    (root / f".{MARKER}.x1y2.tmp").write_text("{")
+    claim_checkpoint_dir(root)
+    assert (root / MARKER).is_file()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / ".notes.tmp").write_text("x")
+    with pytest.raises(OffsiteError, match="not offsite checkpoints"):
+        claim_checkpoint_dir(tmp_path / "other")

@@ -31,7 +31,7 @@ def claim_checkpoint_dir(root: Path) -> None:
         raise OffsiteError(
             f"{root}: exists and is not a directory; choose another --checkpoint-dir"
         )
-    if root.is_dir() and not (root / MARKER).is_file() and any(root.iterdir()):
+    if root.is_dir() and not (root / MARKER).is_file() and any(map(_not_marker_write, root.iterdir())):
         raise OffsiteError(
             f"{root}: folder holds files that are not offsite checkpoints; choose an empty or new --checkpoint-dir"
         )
@@ -41,6 +41,11 @@ def claim_checkpoint_dir(root: Path) -> None:
             root / MARKER,
             {"format": "offsite-tuning/checkpoints", "format_version": CHECKPOINT_FORMAT_VERSION},
         )
+
+
+def _not_marker_write(path: Path) -> bool:
+    """False for another process's marker being written (write_json_atomic's temporary file)."""
+    return not (path.name.startswith(f".{MARKER}.") and path.name.endswith(".tmp"))
 
 
 def remove_checkpoints(root: Path) -> None:

@@ -287,7 +287,8 @@ def train(
     trainable, optimizer, scheduler = _optimizer(model, cfg, run.max_steps)
     run_key = {**(run_key or {}), "data": train_data.sha256, "config": {**asdict(cfg), "max_steps": None, "epochs": None}}  # fmt: skip
     if checkpoint_dir is not None:
-        claim_checkpoint_dir(checkpoint_dir)
+        with acc.main_process_first():  # one process claims the folder; the others then find it ours
+            claim_checkpoint_dir(checkpoint_dir)
     run.step = _restore_or_refuse(checkpoint_dir, resume, run_key, model, optimizer, scheduler)
     best = BestWeights(checkpoint_dir if keep_best else None, run_key, resume)
     model.train()
