@@ -16,7 +16,7 @@ from offsite.artefacts.signing import Signer, load_private
 from offsite.errors import OffsiteError
 from offsite.exchange.credentials import Credentials, load_credentials
 from offsite.training.finetune import FinetuneJob, finetune_bundle
-from offsite_cli.args import add_eval, add_training, train_config
+from offsite_cli.args import add_eval, add_peft, add_training, peft_options, train_config
 from offsite_cli.progress import TrainingBar, perplexity_with_bar
 from offsite_cli.runner import make_parser, print_json, run, subparsers
 
@@ -91,7 +91,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     job = FinetuneJob(
         data=Path(args.data), out=out, block_size=args.block_size, val_fraction=args.val_fraction,
         checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None, resume=args.resume,
-        overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints,
+        overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints, peft=peft_options(args),
     )  # fmt: skip
     creds = load_credentials(args.credentials) if args.credentials else None
     signer = (
@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="adapter directory to create")
     add_training(p)
+    add_peft(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("fetch", help="download a bundle issued to you (resumable) and verify it")

@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from offsite.artefacts.peft_delta import PEFT_METHODS, PeftOptions
 from offsite.errors import OffsiteError
 from offsite.training.finetune import ADAPTER_LEARNING_RATE, FinetuneJob
 from offsite.training.loop import PRECISIONS, SCHEDULES, TrainConfig
@@ -115,6 +116,31 @@ def _add_batching(g, d: TrainConfig) -> None:
     _add_run(g, d)
 
 
+def add_peft(p: argparse.ArgumentParser) -> None:
+    """PEFT inside the adapter blocks (LoRA, IA3, LN tuning, a soft prompt) instead of training them."""
+    d = PeftOptions("lora")
+    g = p.add_argument_group("PEFT inside the adapter (default: the adapter blocks train in full)")
+    g.add_argument("--peft", choices=PEFT_METHODS, default=None,
+                   help="lora, ia3, ln (norms only) or prompt (a soft prompt at the input)")  # fmt: skip
+    g.add_argument("--lora-rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
+    g.add_argument(
+        "--lora-alpha", type=float, default=d.alpha, help=f"LoRA alpha (default {d.alpha:g})"
+    )
+    g.add_argument("--lora-dropout", type=float, default=d.dropout, help="LoRA dropout (default 0)")
+    g.add_argument("--peft-targets", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
+                   help="modules inside a block, comma-separated (default: the registry's for the method)")  # fmt: skip
+    g.add_argument("--peft-virtual-tokens", type=int, default=d.virtual_tokens,
+                   help=f"soft-prompt length for --peft prompt (default {d.virtual_tokens})")  # fmt: skip
+
+
+def peft_options(args: argparse.Namespace) -> PeftOptions | None:
+    """The PeftOptions the PEFT arguments describe, or None without --peft (validated)."""
+    if args.peft is None:
+        return None
+    return PeftOptions(args.peft, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                       targets=args.peft_targets, virtual_tokens=args.peft_virtual_tokens)  # fmt: skip
+
+
 def _add_run(g, d: TrainConfig) -> None:
     g.add_argument(
         "--seed", type=int, default=d.seed, help=f"data order and init seed (default {d.seed})"
@@ -124,6 +150,17 @@ def _add_run(g, d: TrainConfig) -> None:
         choices=PRECISIONS,
         default=d.mixed_precision,
         help="bf16/fp16 autocast where the hardware has it",
+    )
+    g.add_argument(
+        "--loss-chunk-tokens",
+        type=int,
+        default=d.loss_chunk_tokens,
+        help=f"compute the loss this many positions at a time, 0 = all at once (default {d.loss_chunk_tokens})",
+    )
+    g.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute block activations in the backward pass (less memory, more compute)",
     )
     g.add_argument(
         "--save-every",
@@ -159,7 +196,8 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
             lr_scheduler=args.lr_scheduler, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
             batch_size=args.batch_size, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
             seed=args.seed, mixed_precision=args.mixed_precision, save_every=args.save_every,
-            eval_every=args.eval_every,
+            eval_every=args.eval_every, loss_chunk_tokens=args.loss_chunk_tokens,
+            gradient_checkpointing=args.gradient_checkpointing,
         )  # fmt: skip
     except TypeError as e:  # pragma: no cover - a programming error, not user input
         raise OffsiteError(str(e)) from None

@@ -26,7 +26,14 @@ ADAPTER_FORMAT_VERSION = 1
 ADAPTER_MANIFEST = "adapter_manifest.json"
 ADAPTER_SIGNATURE = "adapter_manifest.sig"
 WEIGHTS_NAME = "adapter.safetensors"
+PEFT_WEIGHTS = (
+    "adapter_model.safetensors"  # peft's own names, so PeftModel.from_pretrained reads them
+)
+PEFT_CONFIG = "adapter_config.json"
 NOT_HASHED = (ADAPTER_MANIFEST, ADAPTER_SIGNATURE)
+# what each kind of adapter carries besides its manifest and signature: whole adapter blocks, or
+# a PEFT delta in peft's layout (LoRA, IA3, LN tuning, prompt tuning)
+PAYLOADS = {"blocks": (WEIGHTS_NAME,), "peft": (PEFT_WEIGHTS, PEFT_CONFIG)}
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,14 @@ class Adapter:
 
     path: Path
     manifest: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.get("kind", "blocks")
+
+    @property
+    def weights(self) -> Path:
+        return self.path / PAYLOADS[self.kind][0]
 
     @property
     def blocks(self) -> list[int]:
@@ -90,8 +105,11 @@ def save_adapter(
     training: dict,
     overwrite: bool = False,
     signer: Signer | None = None,
+    peft: tuple[dict, dict] | None = None,
 ) -> Adapter:
-    """Write adapter weights and a manifest naming the bundle they were trained from, atomically."""
+    """Write adapter weights and a manifest naming the bundle they were trained from, atomically.
+
+    `peft`: (the PEFT options, peft's config dict) when `state` is a PEFT delta."""
     manifest = {
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_FORMAT_VERSION,
@@ -106,8 +124,14 @@ def save_adapter(
         "training": training,
         "signer": signer.name if signer is not None else None,
     }
+    if peft is not None:
+        manifest.update(kind="peft", peft=peft[0])
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(
+            state, str(tmp / PAYLOADS[manifest.get("kind", "blocks")][0]), metadata={"format": "pt"}
+        )
+        if peft is not None:
+            write_json_atomic(tmp / PEFT_CONFIG, peft[1])
         manifest["files"] = hash_files(tmp, NOT_HASHED)
         write_json_atomic(tmp / ADAPTER_MANIFEST, manifest)
         if signer is not None:
@@ -138,9 +162,19 @@ def open_adapter(path: str | Path) -> Adapter:
         ):
             raise VerificationError(f"{mpath}: tensors[{name!r}] needs 'dtype' and 'shape'")
     files = field(data, "files", dict, mpath)
-    if WEIGHTS_NAME not in files:
-        raise VerificationError(f"{mpath}: 'files' does not list {WEIGHTS_NAME}")
-    check_files(path, files, NOT_HASHED, suffixes=(".safetensors",))
+    kind = data.get("kind", "blocks")
+    if kind not in PAYLOADS:
+        raise VerificationError(
+            f"{mpath}: unknown adapter kind {kind!r} (known: {', '.join(PAYLOADS)})"
+        )
+    if kind == "peft":
+        field(data, "peft", dict, mpath)
+    for name in PAYLOADS[kind]:
+        if name not in files:
+            raise VerificationError(f"{mpath}: 'files' does not list {name}")
+    check_files(
+        path, files, NOT_HASHED, suffixes=tuple({n[n.rindex(".") :] for n in PAYLOADS[kind]})
+    )
     return Adapter(path, data)
 
 
@@ -204,6 +238,14 @@ def verify_adapter_for_bundle(
 ) -> dict[str, torch.Tensor]:
     """Check an adapter against the bundle it claims (ids, key set, shapes, dtypes, finite values);
     `expected`: `spec_from_bundle(bundle)`, if the caller already has it."""
+    check_bundle_ids(adapter, bundle)
+    expected = expected if expected is not None else spec_from_bundle(bundle)
+    check_spec(str(adapter.path / ADAPTER_MANIFEST), adapter.spec, expected)
+    return load_checked(adapter.path / WEIGHTS_NAME, expected)
+
+
+def check_bundle_ids(adapter: Adapter, bundle: Bundle) -> None:
+    """The adapter names this bundle, its base model and its adapter blocks."""
     m = adapter.manifest
     if m["bundle_id"] != bundle.bundle_id:
         raise VerificationError(
@@ -216,6 +258,3 @@ def verify_adapter_for_bundle(
         raise VerificationError(
             f"{adapter.path}: base fingerprint or adapter blocks differ from the bundle's"
         )
-    expected = expected if expected is not None else spec_from_bundle(bundle)
-    check_spec(str(adapter.path / ADAPTER_MANIFEST), adapter.spec, expected)
-    return load_checked(adapter.path / WEIGHTS_NAME, expected)

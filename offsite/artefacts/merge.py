@@ -9,6 +9,7 @@ was verified, written atomically with it.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from transformers import PreTrainedModel
 
 from offsite.artefacts.adapter import (
     ADAPTER_MANIFEST,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
     WEIGHTS_NAME,
     Adapter,
     expected_spec,
@@ -24,6 +27,7 @@ from offsite.artefacts.adapter import (
     plug_adapter,
 )
 from offsite.artefacts.bundle import Bundle, open_bundle
+from offsite.artefacts.peft_delta import merge_delta, verify_delta
 from offsite.artefacts.tensorcheck import check_spec, load_checked
 from offsite.atomic import atomic_directory, check_apart, check_output_dir
 from offsite.errors import OffsiteError, VerificationError
@@ -33,16 +37,32 @@ from offsite.models.loading import DEFAULT_MODEL, load_model, load_tokenizer
 
 MERGE_RECORD = "offsite_merge.json"
 MERGE_RECORD_VERSION = 1
+PROMPT_DIR = "prompt"
+_KEY_SETS = {
+    "blocks": "exactly the bundle's adapter blocks, shapes and dtypes of this model",
+    "peft": "exactly what the manifest's PEFT options give on the bundle's adapter blocks; "
+    "adapter_config.json agrees with them",
+}
 
 
 def verify_adapter(
     adapter: Adapter, bundle: Bundle, full_model: PreTrainedModel, fingerprint: str
 ) -> dict[str, torch.Tensor]:
-    """Check the adapter against the bundle it names and the full model; load its tensors.
+    """Check a block adapter against the bundle it names and the full model; load its tensors.
 
     Bundle id, base fingerprint (of the bundle and the adapter), block prefix, the exact key set
     of the bundle's adapter blocks, shapes, dtypes and finite values.
     """
+    check_origin(adapter, bundle, full_model, fingerprint)
+    expected = expected_spec(full_model, bundle.adapter_sources)
+    check_spec(str(adapter.path / ADAPTER_MANIFEST), adapter.spec, expected)
+    return load_checked(adapter.path / WEIGHTS_NAME, expected)
+
+
+def check_origin(
+    adapter: Adapter, bundle: Bundle, full_model: PreTrainedModel, fingerprint: str
+) -> None:
+    """The adapter was trained from this bundle, and both were made for this very model."""
     m, where = adapter.manifest, adapter.path
     if m["bundle_id"] != bundle.bundle_id:
         raise VerificationError(
@@ -63,9 +83,6 @@ def verify_adapter(
             f"{where}: adapter claims blocks {m['adapter_blocks']}, but the bundle's adapter blocks are "
             f"{bundle.adapter_sources}"
         )
-    expected = expected_spec(full_model, bundle.adapter_sources)
-    check_spec(str(where / ADAPTER_MANIFEST), adapter.spec, expected)
-    return load_checked(where / WEIGHTS_NAME, expected)
 
 
 @dataclass(frozen=True)
@@ -108,7 +125,16 @@ def merge(spec: MergeSpec) -> dict:
         signature = f"verified: signed by {signer!r} with the key the owner holds for it"
     model = load_model(spec.model, dtype=spec.dtype)
     fingerprint = model_fingerprint(model)
-    plug_adapter(model, verify_adapter(adapter, bundle, model, fingerprint))
+    prompt = None
+    if adapter.kind == "peft":
+        check_origin(adapter, bundle, model, fingerprint)
+        options, delta = verify_delta(adapter, bundle)
+        if options.method == "prompt":
+            prompt = adapter
+        else:
+            model = merge_delta(model, options, bundle, delta)
+    else:
+        plug_adapter(model, verify_adapter(adapter, bundle, model, fingerprint))
     record = {
         "format_version": MERGE_RECORD_VERSION,
         "base_fingerprint": fingerprint,
@@ -119,13 +145,23 @@ def merge(spec: MergeSpec) -> dict:
         "verified": {
             "signature": signature,
             "hashes": "every adapter and bundle file matches its manifest",
-            "key_set": "exactly the bundle's adapter blocks, shapes and dtypes of this model",
+            "key_set": _KEY_SETS[adapter.kind],
             "values": "finite",
             "base_model": "bundle and adapter were made for this model's fingerprint",
         },
     }
+    if adapter.kind == "peft":
+        record["peft"] = adapter.manifest["peft"]
+    if prompt is not None:
+        record["prompt"] = (
+            f"{PROMPT_DIR}/: the soft prompt; PeftModel.from_pretrained(model, 'OUT/{PROMPT_DIR}')"
+        )
     with atomic_directory(spec.out, overwrite=spec.overwrite) as tmp:
         model.save_pretrained(tmp)
         load_tokenizer(spec.model).save_pretrained(tmp)
+        if prompt is not None:  # a prompt is not weights: it travels beside the unchanged model
+            (tmp / PROMPT_DIR).mkdir()
+            for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+                shutil.copy2(prompt.path / name, tmp / PROMPT_DIR / name)
         (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return {"merged": str(spec.out), **record}

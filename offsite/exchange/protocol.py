@@ -5,13 +5,16 @@ The data owner's client imports only this module from the owner's side of the ex
 
 from __future__ import annotations
 
-from offsite.artefacts.adapter import ADAPTER_MANIFEST, ADAPTER_SIGNATURE, WEIGHTS_NAME
+from offsite.artefacts.adapter import ADAPTER_MANIFEST, ADAPTER_SIGNATURE, PAYLOADS
 from offsite.errors import OffsiteError
 
 PROTOCOL_VERSION = 1
 CHUNK_BYTES = 1 << 20
 MAX_CHUNK_BYTES = 1 << 20
-ADAPTER_FILES = (WEIGHTS_NAME, ADAPTER_MANIFEST, ADAPTER_SIGNATURE)
+# the files an adapter upload holds, by adapter kind (whole blocks, or a PEFT delta)
+ADAPTER_FILES = {
+    kind: (*payload, ADAPTER_MANIFEST, ADAPTER_SIGNATURE) for kind, payload in PAYLOADS.items()
+}
 
 
 class Unauthenticated(OffsiteError):

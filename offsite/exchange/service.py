@@ -22,13 +22,14 @@ import torch
 
 from offsite.artefacts.adapter import (
     ADAPTER_MANIFEST,
-    WEIGHTS_NAME,
+    check_bundle_ids,
     open_adapter,
     spec_from_bundle,
     verify_adapter_for_bundle,
 )
 from offsite.artefacts.bundle import Bundle, open_bundle
 from offsite.artefacts.manifest import is_safe_name
+from offsite.artefacts.peft_delta import verify_delta
 from offsite.artefacts.signing import load_public
 from offsite.artefacts.tensorcheck import TensorSpec
 from offsite.atomic import atomic_directory, sha256_file
@@ -155,13 +156,14 @@ class OwnerService:
         """Record an announced upload (or find the same one again) and report what is committed."""
         self._bundle_for(identity, bundle_id)
         names = sorted(f["name"] for f in files)
-        if names != sorted(ADAPTER_FILES):
+        if names not in [sorted(kind) for kind in ADAPTER_FILES.values()]:
             raise BadRequest(
-                f"an adapter upload must contain exactly {', '.join(sorted(ADAPTER_FILES))}"
+                "an adapter upload must contain exactly "
+                + " or exactly ".join(", ".join(sorted(kind)) for kind in ADAPTER_FILES.values())
             )
         limit = sum(_nbytes(d, s) for d, s in self._bundle(bundle_id)[1].values()) + (1 << 20)
         for f in files:
-            cap = limit if f["name"] == WEIGHTS_NAME else _MANIFEST_LIMIT
+            cap = limit if f["name"].endswith(".safetensors") else _MANIFEST_LIMIT
             if not 0 <= f["size"] <= cap or len(f["sha256"]) != 64:
                 raise BadRequest(
                     f"{f['name']}: announced size {f['size']} or sha256 is not acceptable (limit {cap} bytes)"
@@ -332,7 +334,7 @@ class OwnerService:
             status, path = "rejected", Path("")
         if status == "verified":
             with atomic_directory(path, overwrite=True) as tmp:
-                for name in ADAPTER_FILES:
+                for name in ADAPTER_FILES[open_adapter(root).kind]:
                     shutil.copy2(root / name, tmp / name)
         self.registry.add_adapter(
             adapter_id, upload_id, identity, upload["bundle_id"], str(path), status, reason
@@ -356,7 +358,11 @@ class OwnerService:
         )
         self._bundle_for(identity, bundle_id)
         bundle, spec = self._bundle(bundle_id)
-        verify_adapter_for_bundle(adapter, bundle, spec)
+        if adapter.kind == "peft":
+            check_bundle_ids(adapter, bundle)
+            verify_delta(adapter, bundle)
+        else:
+            verify_adapter_for_bundle(adapter, bundle, spec)
 
 
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:

@@ -9,7 +9,7 @@ position in a way that renumbering cannot preserve.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -17,6 +17,30 @@ from offsite.errors import OffsiteError
 
 # Attribute that attention modules use to find their slot in the KV cache.
 LAYER_INDEX_ATTR = "layer_idx"
+
+
+@dataclass(frozen=True)
+class PeftTargets:
+    """Modules inside a block that PEFT methods attach to, by the last parts of their names."""
+
+    linear: tuple[str, ...]  # LoRA: every matmul of the block
+    ia3: tuple[str, ...]  # IA3: the key and value projections and the MLP's output projection
+    feedforward: tuple[str, ...]  # the ones of `ia3` inside the MLP (IA3 scales their input)
+    norms: tuple[str, ...]  # LN tuning
+
+
+_LLAMA_PEFT = PeftTargets(
+    linear=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    ia3=("k_proj", "v_proj", "down_proj"),
+    feedforward=("down_proj",),
+    norms=("input_layernorm", "post_attention_layernorm"),
+)
+_FUSED_QKV_PEFT = PeftTargets(  # GPT-NeoX, BLOOM, Falcon
+    linear=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    ia3=("query_key_value", "dense_4h_to_h"),
+    feedforward=("dense_4h_to_h",),
+    norms=("input_layernorm", "post_attention_layernorm", "ln_attn", "ln_mlp"),
+)
 
 
 @dataclass(frozen=True)
@@ -31,9 +55,11 @@ class ArchSpec:
     # module class name holding a block's matmul weights -> the weight axis that indexes outputs
     # (nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out])
     matmuls: dict[str, int] = field(default_factory=lambda: {"Linear": 0})
+    peft: PeftTargets = _LLAMA_PEFT
 
 
 _DECODER = ArchSpec(blocks="model.layers")
+_GEMMA2_NORMS = (*_LLAMA_PEFT.norms, "pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _DECODER,
@@ -41,20 +67,50 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": _DECODER,
     "qwen3": _DECODER,
     "gemma": _DECODER,
-    "gemma2": _DECODER,
-    "gemma3_text": _DECODER,
-    "phi3": _DECODER,
-    "opt": ArchSpec(blocks="model.decoder.layers"),
+    "gemma2": ArchSpec(blocks="model.layers", peft=replace(_LLAMA_PEFT, norms=_GEMMA2_NORMS)),
+    "gemma3_text": ArchSpec(blocks="model.layers", peft=replace(_LLAMA_PEFT, norms=_GEMMA2_NORMS)),
+    "phi3": ArchSpec(
+        blocks="model.layers",
+        peft=replace(
+            _LLAMA_PEFT,
+            linear=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+            ia3=("qkv_proj", "down_proj"),
+        ),
+    ),
+    "opt": ArchSpec(
+        blocks="model.decoder.layers",
+        peft=PeftTargets(
+            linear=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+            ia3=("k_proj", "v_proj", "fc2"),
+            feedforward=("fc2",),
+            norms=("self_attn_layer_norm", "final_layer_norm"),
+        ),
+    ),
     "gpt2": ArchSpec(
         blocks="transformer.h",
         depth_attr="n_layer",
         position_dependent={"scale_attn_by_inverse_layer_idx": True},
         matmuls={"Conv1D": 1},
+        peft=PeftTargets(
+            linear=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+            ia3=("attn.c_attn", "mlp.c_proj"),
+            feedforward=("mlp.c_proj",),
+            norms=("ln_1", "ln_2"),
+        ),
     ),
-    "gpt_neox": ArchSpec(blocks="gpt_neox.layers"),
-    "bloom": ArchSpec(blocks="transformer.h", depth_attr="n_layer"),
-    "falcon": ArchSpec(blocks="transformer.h"),
-    "gptj": ArchSpec(blocks="transformer.h", depth_attr="n_layer"),
+    "gpt_neox": ArchSpec(blocks="gpt_neox.layers", peft=_FUSED_QKV_PEFT),
+    "bloom": ArchSpec(blocks="transformer.h", depth_attr="n_layer", peft=_FUSED_QKV_PEFT),
+    "falcon": ArchSpec(blocks="transformer.h", peft=_FUSED_QKV_PEFT),
+    "gptj": ArchSpec(
+        blocks="transformer.h",
+        depth_attr="n_layer",
+        peft=PeftTargets(
+            linear=("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"),
+            ia3=("k_proj", "v_proj", "fc_out"),
+            feedforward=("fc_out",),
+            norms=("ln_1",),
+        ),
+    ),
 }
 
 

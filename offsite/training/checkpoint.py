@@ -31,7 +31,11 @@ def claim_checkpoint_dir(root: Path) -> None:
         raise OffsiteError(
             f"{root}: exists and is not a directory; choose another --checkpoint-dir"
         )
-    if root.is_dir() and not (root / MARKER).is_file() and any(map(_not_marker_write, root.iterdir())):
+    if (
+        root.is_dir()
+        and not (root / MARKER).is_file()
+        and any(map(_not_marker_write, root.iterdir()))
+    ):
         raise OffsiteError(
             f"{root}: folder holds files that are not offsite checkpoints; choose an empty or new --checkpoint-dir"
         )

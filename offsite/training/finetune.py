@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 
 from offsite.artefacts.adapter import Adapter, block_parameters, extract_adapter, save_adapter
 from offsite.artefacts.bundle import Bundle, check_bundle_model
+from offsite.artefacts.peft_delta import PeftOptions, attach, delta_state, full_config
 from offsite.artefacts.signing import Signer
 from offsite.atomic import check_apart, check_output_dir, check_writable
 from offsite.training.checkpoint import remove_checkpoints
@@ -38,6 +39,7 @@ class FinetuneJob:
     resume: bool = False
     overwrite: bool = False
     keep_checkpoints: bool = False
+    peft: PeftOptions | None = None  # train PEFT modules inside the adapter blocks instead of them
 
     @property
     def checkpoints(self) -> Path:
@@ -74,21 +76,32 @@ def finetune_bundle(
     torch.manual_seed(cfg.seed)
     model = bundle.load_model(dtype=torch.float32)
     check_bundle_model(bundle, model)
-    n_trainable = freeze_except_adapter(model, bundle)
+    options = job.peft.resolved(model.config.model_type) if job.peft else None
+    if options is not None:
+        model = attach(model, options, bundle.adapter_positions)
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    else:
+        n_trainable = freeze_except_adapter(model, bundle)
     log.info("training %d adapter parameters on %d examples", n_trainable, len(train_data))
     summary = train(
         model, train_data, cfg, pad_id=pad_id_of(tokenizer), val_data=val_data,
         checkpoint_dir=job.checkpoints, resume=job.resume, on_step=on_step, accelerator=acc,
-        run_key={"bundle_id": bundle.bundle_id, "block_size": job.block_size, "val_fraction": job.val_fraction},
+        run_key={"bundle_id": bundle.bundle_id, "block_size": job.block_size, "val_fraction": job.val_fraction,
+                 "peft": options.to_json() if options else None},
     )  # fmt: skip
     if not acc.is_main_process:
         return None
     summary.update(
         trainable_parameters=n_trainable, block_size=job.block_size, data_file=job.data.name
     )
-    state = extract_adapter(acc.unwrap_model(model), bundle)
+    trained = acc.unwrap_model(model)
+    if options is not None:
+        state = delta_state(trained, bundle)
+        peft = (options.to_json(), full_config(options, bundle))
+    else:
+        state, peft = extract_adapter(trained, bundle), None
     adapter = save_adapter(
-        state, bundle, job.out, training=summary, overwrite=job.overwrite, signer=signer
+        state, bundle, job.out, training=summary, overwrite=job.overwrite, signer=signer, peft=peft
     )
     if not job.keep_checkpoints:
         remove_checkpoints(job.checkpoints)

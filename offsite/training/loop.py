@@ -27,7 +27,7 @@ from offsite.training.checkpoint import (
     save_checkpoint,
 )
 from offsite.training.data import TokenData, collate
-from offsite.training.loss import LossFn, batch_nll, lm_loss
+from offsite.training.loss import LossFn, batch_nll, chunked_lm_loss, lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ class TrainConfig:
     mixed_precision: str = "no"
     save_every: int = 50
     eval_every: int = 0
+    # the loss over this many positions at a time (0: the model's own loss, full logits at once)
+    loss_chunk_tokens: int = 1024
+    gradient_checkpointing: bool = False  # recompute block activations in the backward pass
 
     def __post_init__(self) -> None:
         positive = {
@@ -84,8 +87,10 @@ class TrainConfig:
             raise OffsiteError(
                 f"--mixed-precision {self.mixed_precision!r} unknown; choose one of {', '.join(PRECISIONS)}"
             )
-        if self.warmup_steps < 0 or self.save_every < 0 or self.eval_every < 0:
-            raise OffsiteError("--warmup-steps, --save-every and --eval-every must be >= 0")
+        if min(self.warmup_steps, self.save_every, self.eval_every, self.loss_chunk_tokens) < 0:
+            raise OffsiteError(
+                "--warmup-steps, --save-every, --eval-every and --loss-chunk-tokens must be >= 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -276,18 +281,28 @@ def train(
     run_key: dict | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     accelerator: Accelerator | None = None,
-    loss_fn: LossFn = lm_loss,
+    loss_fn: LossFn | None = None,
     keep_best: bool = False,
 ) -> dict:
     """Train the parameters of `model` that require grad with `loss_fn`; returns a JSON-ready summary
     (`keep_best`: restore the weights with the best validation perplexity at the end)."""
     acc = accelerator or make_accelerator(cfg)
+    loss_fn = loss_fn or (
+        chunked_lm_loss(cfg.loss_chunk_tokens) if cfg.loss_chunk_tokens else lm_loss
+    )
+    if cfg.gradient_checkpointing:
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        causal_lm.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     per_epoch = _steps_per_epoch(train_data, cfg, acc.num_processes)
     run = _Progress(cfg.max_steps or cfg.epochs * per_epoch)
     trainable, optimizer, scheduler = _optimizer(model, cfg, run.max_steps)
     run_key = {**(run_key or {}), "data": train_data.sha256, "config": {**asdict(cfg), "max_steps": None, "epochs": None}}  # fmt: skip
     if checkpoint_dir is not None:
-        with acc.main_process_first():  # one process claims the folder; the others then find it ours
+        with (
+            acc.main_process_first()
+        ):  # one process claims the folder; the others then find it ours
             claim_checkpoint_dir(checkpoint_dir)
     run.step = _restore_or_refuse(checkpoint_dir, resume, run_key, model, optimizer, scheduler)
     best = BestWeights(checkpoint_dir if keep_best else None, run_key, resume)

@@ -249,7 +249,8 @@ class OwnerClient:
     ) -> dict:
         """Upload a signed adapter (resuming a previous partial upload) and ask the owner to verify it."""
         adapter = open_adapter(adapter_dir)
-        if not (adapter_dir / ADAPTER_FILES[2]).is_file():
+        names = ADAPTER_FILES[adapter.kind]
+        if not (adapter_dir / names[-1]).is_file():
             raise OffsiteError(
                 f"{adapter_dir}: adapter is not signed; fine-tune with --credentials or sign it"
             )
@@ -259,7 +260,7 @@ class OwnerClient:
                 "size": (adapter_dir / n).stat().st_size,
                 "sha256": sha256_file(adapter_dir / n),
             }
-            for n in ADAPTER_FILES
+            for n in names
         ]
         req = pb.BeginUploadRequest(format_version=PROTOCOL_VERSION, bundle_id=adapter.manifest["bundle_id"],
                                     files=[pb.FileInfo(**f) for f in files])  # fmt: skip

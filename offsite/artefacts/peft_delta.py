@@ -1,0 +1,219 @@
+"""PEFT inside the adapter: LoRA, IA3, LN tuning or a soft prompt, through Hugging Face `peft`.
+
+The data owner attaches PEFT modules to the emulator's adapter blocks only (prompt tuning: a soft
+prompt at the input) and returns the delta in peft's own layout, keyed by the *full* model's
+names, so `PeftModel.from_pretrained(full_model, adapter_dir)` loads it as it is. The PEFT config
+is never taken on trust: both ends rebuild it from the options in the signed manifest and the
+bundle's adapter blocks; the shipped `adapter_config.json` must agree with that rebuild, and the
+key set and shapes come from applying it to the bundle's architecture (on the meta device).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from peft import (
+    IA3Config,
+    LNTuningConfig,
+    LoraConfig,
+    PeftConfig,
+    PromptTuningConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from offsite.artefacts.adapter import PEFT_CONFIG, Adapter
+from offsite.artefacts.bundle import Bundle
+from offsite.artefacts.tensorcheck import TensorSpec, check_spec, dtype_name, load_checked, spec_of
+from offsite.errors import OffsiteError, VerificationError
+from offsite.models.architectures import arch_spec
+
+PEFT_METHODS = ("lora", "ia3", "ln", "prompt")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+# fields of peft's config that describe where it came from, not what it does
+_PROVENANCE = {
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+}
+
+
+@dataclass(frozen=True)
+class PeftOptions:
+    """Which PEFT method trains the adapter, and its settings (`targets`: module names inside a
+    block, as the last parts of their names; empty = the architecture registry's for the method)."""
+
+    method: str
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ()
+    virtual_tokens: int = 20
+
+    def __post_init__(self) -> None:
+        if self.method not in PEFT_METHODS:
+            raise OffsiteError(
+                f"--peft {self.method!r} unknown; choose one of {', '.join(PEFT_METHODS)}"
+            )
+        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1 or self.virtual_tokens < 1:
+            raise OffsiteError(
+                "--lora-rank and --peft-virtual-tokens must be >= 1, --lora-alpha > 0, --lora-dropout in [0, 1)"
+            )
+        bad = [t for t in self.targets if not isinstance(t, str) or not _NAME.match(t)]
+        if bad:
+            raise OffsiteError(
+                f"--peft-targets {bad[0]!r} is not a module name (like q_proj or mlp.c_proj)"
+            )
+
+    def resolved(self, model_type: str) -> PeftOptions:
+        """These options with the registry's targets filled in (what the manifest records)."""
+        if self.targets or self.method == "prompt":
+            return self
+        t = arch_spec(model_type).peft
+        return replace(self, targets={"lora": t.linear, "ia3": t.ia3, "ln": t.norms}[self.method])
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "targets": list(self.targets)}
+
+    @classmethod
+    def from_manifest(cls, data: dict, where: str) -> PeftOptions:
+        try:
+            return cls(**{**data, "targets": tuple(data.get("targets", ()))})
+        except (TypeError, OffsiteError) as e:
+            raise VerificationError(f"{where}: 'peft' options are not valid ({e})") from None
+
+
+def _pattern(blocks: str, layers: list[int], names: tuple[str, ...]) -> str:
+    """A regex (peft full-matches it) for modules `names` inside the blocks `layers`, nowhere else."""
+    alternatives = "|".join(re.escape(n) for n in names)
+    return rf"{re.escape(blocks)}\.({'|'.join(map(str, layers))})\.(?:.+\.)?({alternatives})"
+
+
+def peft_config(options: PeftOptions, model_type: str, layers: list[int]) -> PeftConfig:
+    """peft's config for `options` confined to the blocks `layers` of a `model_type` model."""
+    spec = arch_spec(model_type)
+    if options.method == "prompt":
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=options.virtual_tokens)
+    targets = _pattern(spec.blocks, layers, options.resolved(model_type).targets)
+    conv = "Conv1D" in spec.matmuls  # GPT-2 stores [in, out]
+    if options.method == "lora":
+        return LoraConfig(task_type="CAUSAL_LM", r=options.rank, lora_alpha=options.alpha,
+                          lora_dropout=options.dropout, target_modules=targets, fan_in_fan_out=conv)  # fmt: skip
+    if options.method == "ia3":
+        chosen = options.resolved(model_type).targets
+        ff = tuple(n for n in chosen if n in spec.peft.feedforward)
+        return IA3Config(task_type="CAUSAL_LM", target_modules=targets, fan_in_fan_out=conv,
+                         feedforward_modules=_pattern(spec.blocks, layers, ff) if ff else [])  # fmt: skip
+    return LNTuningConfig(task_type="CAUSAL_LM", target_modules=targets)
+
+
+def _wrap(model: PreTrainedModel, config: PeftConfig):
+    with warnings.catch_warnings():  # LN tuning works on any norm; peft warns about all but one
+        warnings.filterwarnings("ignore", "Unsupported layer type", UserWarning)
+        return get_peft_model(model, config)
+
+
+def attach(model: PreTrainedModel, options: PeftOptions, layers: list[int]):
+    """Wrap `model` with PEFT modules on the blocks `layers`; only they train."""
+    try:
+        return _wrap(model, peft_config(options, model.config.model_type, layers))
+    except ValueError as e:  # e.g. no target module matched
+        raise OffsiteError(f"--peft {options.method}: {str(e).splitlines()[0]}") from None
+
+
+def _remap(
+    state: dict[str, torch.Tensor], blocks: str, mapping: dict[int, int]
+) -> dict[str, torch.Tensor]:
+    """Rename peft's 'base_model.model.<blocks>.<i>.' keys through `mapping` (prompts have none)."""
+    pattern = re.compile(rf"^(base_model\.model\.{re.escape(blocks)}\.)(\d+)\.")
+    out = {}
+    for key, value in state.items():
+        m = pattern.match(key)
+        if m:
+            key = f"{m.group(1)}{mapping[int(m.group(2))]}.{key[m.end() :]}"
+        out[key] = value
+    return out
+
+
+def delta_state(peft_model, bundle: Bundle) -> dict[str, torch.Tensor]:
+    """The trained PEFT delta of an emulator, keyed by the full model's names."""
+    blocks = bundle.manifest["base_model"]["block_prefix"]
+    state = get_peft_model_state_dict(peft_model)
+    mapping = dict(zip(bundle.adapter_positions, bundle.adapter_sources, strict=True))
+    return {k: v.detach().cpu().contiguous() for k, v in _remap(state, blocks, mapping).items()}
+
+
+def full_config(options: PeftOptions, bundle: Bundle) -> dict:
+    """The `adapter_config.json` a delta for `bundle` must carry: the config on the full model."""
+    model_type = bundle.manifest["base_model"]["model_type"]
+    config = peft_config(options, model_type, bundle.adapter_sources).to_dict()
+    return json.loads(json.dumps(config, default=str))  # enums and sets as JSON has them
+
+
+def expected_delta_spec(options: PeftOptions, bundle: Bundle) -> TensorSpec:
+    """Key set, dtypes and shapes of a delta for `bundle`: `options` applied to its architecture."""
+    config = AutoConfig.from_pretrained(bundle.path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    peft_model = _wrap(model, peft_config(options, config.model_type, bundle.adapter_positions))
+    if options.method == "prompt":  # peft would copy it to the CPU to save it: not on meta
+        weight = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight
+        return {"prompt_embeddings": (dtype_name(weight.dtype), tuple(weight.shape))}
+    state = get_peft_model_state_dict(peft_model)
+    mapping = dict(zip(bundle.adapter_positions, bundle.adapter_sources, strict=True))
+    return spec_of(_remap(state, bundle.manifest["base_model"]["block_prefix"], mapping))
+
+
+def _check_config(shipped_path: Path, expected: dict) -> None:
+    """The shipped PEFT config must say what the manifest's options say, field by field."""
+    try:
+        shipped = json.loads(shipped_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VerificationError(f"{shipped_path}: not readable JSON ({e})") from None
+    if not isinstance(shipped, dict):
+        raise VerificationError(f"{shipped_path}: not a JSON object")
+    for key in sorted(set(shipped) | set(expected)):
+        if key in _PROVENANCE:
+            continue
+        if key not in expected:
+            if shipped[key] not in (None, False, [], {}):
+                raise VerificationError(
+                    f"{shipped_path}: field {key!r} is not one this owner knows; refused"
+                )
+        elif key in shipped and shipped[key] != expected[key]:
+            raise VerificationError(
+                f"{shipped_path}: {key} = {shipped[key]!r}, but the manifest's options on the bundle's "
+                f"adapter blocks give {expected[key]!r}"
+            )
+
+
+def verify_delta(adapter: Adapter, bundle: Bundle) -> tuple[PeftOptions, dict[str, torch.Tensor]]:
+    """Check a PEFT adapter's config and tensors against its bundle; returns its options and delta."""
+    options = PeftOptions.from_manifest(adapter.manifest["peft"], str(adapter.path))
+    _check_config(adapter.path / PEFT_CONFIG, full_config(options, bundle))
+    expected = expected_delta_spec(options, bundle)
+    check_spec(str(adapter.path), adapter.spec, expected)
+    return options, load_checked(adapter.weights, expected)
+
+
+def merge_delta(model: PreTrainedModel, options: PeftOptions, bundle: Bundle,
+                delta: dict[str, torch.Tensor]) -> PreTrainedModel:  # fmt: skip
+    """Fold a verified LoRA, IA3 or LN-tuning delta into the full model's weights."""
+    if options.method == "prompt":
+        raise OffsiteError("a soft prompt has no weights to fold in; keep it beside the model")
+    peft_model = attach(model, options, bundle.adapter_sources)
+    loaded = set_peft_model_state_dict(peft_model, delta)
+    if loaded.unexpected_keys:
+        raise VerificationError(
+            f"delta tensors {loaded.unexpected_keys[:3]} have no place in the model"
+        )
+    return peft_model.merge_and_unload()
