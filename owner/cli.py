@@ -12,7 +12,7 @@ from offsite.emulator.selection import RULES
 from offsite.evaluation.recipe import EvaluateSpec
 from offsite.evaluation.specs import builtin_tasks
 from offsite.models.loading import DEFAULT_MODEL
-from offsite_cli.args import add_dtype, add_eval, int_list
+from offsite_cli.args import add_dtype, add_eval, add_peft, int_list
 from offsite_cli.runner import make_parser, run, subparsers
 from owner.commands import (
     cmd_adapters,
@@ -327,6 +327,7 @@ def _add_evaluate_offsite(sub) -> None:
     p.add_argument("--out", required=True, help="directory for the results")
     p.add_argument("--overwrite", action="store_true")
     add_dtype(p)
+    add_peft(p)
     p.set_defaults(func=cmd_evaluate_offsite)
 
 

@@ -18,7 +18,7 @@ from offsite.evaluation.recipe import EvaluateSpec, evaluate
 from offsite.exchange.home import enroll, init_home, issue_bundle, merge_inputs, open_home
 from offsite.models.loading import DEFAULT_MODEL, load_model, load_tokenizer
 from offsite.training.loop import TrainConfig
-from offsite_cli.args import dtype_of
+from offsite_cli.args import dtype_of, peft_options
 from offsite_cli.progress import TrainingBar, counting_bar, perplexity_with_bar
 from offsite_cli.runner import print_json
 
@@ -165,7 +165,7 @@ def cmd_evaluate_offsite(args: argparse.Namespace) -> None:
                         train_file=path(args.train), test_file=path(args.test), data_root=args.data_root, train=cfg,
                         full_learning_rate=args.full_learning_rate, full_finetune=not args.no_full_finetune,
                         block_size=args.block_size, eval_limit=args.eval_limit, train_limit=args.train_limit,
-                        dtype=dtype_of(args), overwrite=args.overwrite)  # fmt: skip
+                        dtype=dtype_of(args), overwrite=args.overwrite, peft=peft_options(args))  # fmt: skip
     bar = TrainingBar("training")
     try:
         results = evaluate(spec, on_step=bar,

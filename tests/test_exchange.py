@@ -340,3 +340,37 @@ def test_protocol_version_is_checked(env):
     with channel, pytest.raises(grpc.RpcError) as err:
         stub.ListBundles(pb.ListBundlesRequest(format_version=PROTOCOL_VERSION + 1))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_peft_adapter_round_trip_and_a_forged_config_is_rejected(env, tmp_path, corpus_file):
+    from offsite.artefacts.adapter import PEFT_CONFIG, PEFT_WEIGHTS
+    from offsite.artefacts.peft_delta import PeftOptions
+
+    acme = env["creds"]["acme"]
+    bundle = env["bundles"]["acme"]
+    job = FinetuneJob(corpus_file, tmp_path / "lora", block_size=16, val_fraction=0.0,
+                      peft=PeftOptions("lora", rank=2))  # fmt: skip
+    finetune_bundle(bundle, job, TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2),
+                    signer=signer_of(acme))  # fmt: skip
+    blocks = untrained_adapter(bundle, acme, tmp_path / "blocks")
+    size = lambda d: sum(p.stat().st_size for p in d.iterdir())  # noqa: E731
+    assert size(tmp_path / "lora") < size(blocks) / 3, "a rank-2 delta is far smaller on the wire"
+    with connect(env["address"], acme) as client:
+        result = client.submit_adapter(tmp_path / "lora")
+        assert result["status"] == "verified"
+        merged = tmp_path / "merged"
+        assert owner(["merge-adapter", "--home", str(env["home"].root), "--adapter",
+                      result["adapter_id"][:12], "--out", str(merged)]) == 0  # fmt: skip
+        assert json.loads((merged / "offsite_merge.json").read_text())["peft"]["method"] == "lora"
+        config = json.loads((tmp_path / "lora" / PEFT_CONFIG).read_text())
+        config["target_modules"] = config["target_modules"].replace("(0|1|6|7)", r"(\d+)")
+        (tmp_path / "lora" / PEFT_CONFIG).write_text(json.dumps(config))
+        manifest = json.loads((tmp_path / "lora" / ADAPTER_MANIFEST).read_text())
+        manifest["files"][PEFT_CONFIG] = sha256_file(tmp_path / "lora" / PEFT_CONFIG)
+        (tmp_path / "lora" / ADAPTER_MANIFEST).write_text(json.dumps(manifest))
+        signer_of(acme).sign(
+            tmp_path / "lora" / ADAPTER_MANIFEST, tmp_path / "lora" / "adapter_manifest.sig"
+        )
+        with pytest.raises(VerificationError, match="rejected the adapter: .*target_modules"):
+            client.submit_adapter(tmp_path / "lora")
+    assert (tmp_path / "lora" / PEFT_WEIGHTS).is_file()

@@ -27,6 +27,7 @@ from offsite.artefacts.peft_delta import (
     attach,
     delta_state,
     full_config,
+    plug_delta,
     verify_delta,
 )
 from offsite.atomic import sha256_file
@@ -114,6 +115,12 @@ def test_prompt_tuning_keeps_the_model_and_ships_the_prompt(family, tokenizer, t
     )
     prompted = PeftModel.from_pretrained(merged, tmp_path / "m" / PROMPT_DIR)
     torch.testing.assert_close(_logits(prompted), via_peft)
+    adapter = open_adapter(tmp_path / "a")
+    options, delta = verify_delta(adapter, bundle)
+    plugged = plug_delta(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "full"), options, bundle, delta
+    )
+    torch.testing.assert_close(_logits(plugged), via_peft)
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "ln"])

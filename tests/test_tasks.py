@@ -217,3 +217,23 @@ def test_named_lm_eval_tasks_fail_clearly_without_their_data(tmp_path, monkeypat
     ):  # conftest sets HF_HUB_OFFLINE
         named_training_items("arc_easy")
     assert load_task("lm-eval:arc_easy").lm_eval_task == "arc_easy"
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_five_settings_with_peft_on_a_choice_task(method, tokenizer):
+    from offsite.artefacts.peft_delta import PeftOptions
+
+    full = tiny_model("llama")
+    plan = make_plan(DEPTH, emulator_layers=2)
+    items = tuple(ChoiceItem(f"item {i} is", ("red", "blue"), i % 2) for i in range(12))
+    task = ChoiceTask("toy", items, items[:6], block_size=16)
+    r = evaluate_offsite(full, tokenizer, plan, build_emulator(full, plan), task,
+                         TrainConfig(max_steps=3, batch_size=4, learning_rate=5e-2),
+                         full_finetune=False, peft=PeftOptions(method, rank=2, virtual_tokens=2))  # fmt: skip
+    assert (
+        r["peft"]["method"] == method and 0 < r["trainable_parameters"] < full.num_parameters() / 10
+    )
+    assert (
+        r["adapter_bytes"] == 4 * r["trainable_parameters"] and r["adapter_tokens_per_second"] > 0
+    )
+    assert r["plug_in"] != r["full_zero_shot"] or r["emulator_finetuned"] != r["emulator_zero_shot"]

@@ -205,15 +205,21 @@ def verify_delta(adapter: Adapter, bundle: Bundle) -> tuple[PeftOptions, dict[st
     return options, load_checked(adapter.weights, expected)
 
 
+def plug_delta(model: PreTrainedModel, options: PeftOptions, bundle: Bundle,
+               delta: dict[str, torch.Tensor]):  # fmt: skip
+    """The full model with a verified delta loaded as PEFT modules (a PeftModel)."""
+    peft_model = attach(model, options, bundle.adapter_sources)
+    loaded = set_peft_model_state_dict(peft_model, delta)
+    if [k for k in loaded.unexpected_keys if k != "prompt_embeddings"]:  # a prompt loads apart
+        raise VerificationError(
+            f"delta tensors {loaded.unexpected_keys[:3]} have no place in the model"
+        )
+    return peft_model
+
+
 def merge_delta(model: PreTrainedModel, options: PeftOptions, bundle: Bundle,
                 delta: dict[str, torch.Tensor]) -> PreTrainedModel:  # fmt: skip
     """Fold a verified LoRA, IA3 or LN-tuning delta into the full model's weights."""
     if options.method == "prompt":
         raise OffsiteError("a soft prompt has no weights to fold in; keep it beside the model")
-    peft_model = attach(model, options, bundle.adapter_sources)
-    loaded = set_peft_model_state_dict(peft_model, delta)
-    if loaded.unexpected_keys:
-        raise VerificationError(
-            f"delta tensors {loaded.unexpected_keys[:3]} have no place in the model"
-        )
-    return peft_model.merge_and_unload()
+    return plug_delta(model, options, bundle, delta).merge_and_unload()

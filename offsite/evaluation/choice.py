@@ -52,10 +52,15 @@ def _kept_random_state() -> Iterator[None]:
 def _lm(model: nn.Module, tokenizer, batch_size: int):
     from lm_eval.models.huggingface import HFLM
 
+    class _Scored(HFLM):
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            # a PEFT soft prompt puts its positions first: score only the input's own
+            return super()._model_call(inps, attn_mask, labels)[:, -inps.shape[1] :]
+
     device = str(next(model.parameters()).device)
     # BOS exactly when the training data has it (offsite.training.data follows the tokenizer)
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
-                add_bos_token=adds_bos(tokenizer))  # fmt: skip
+    return _Scored(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
+                   add_bos_token=adds_bos(tokenizer))  # fmt: skip
 
 
 @functools.cache

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from offsite.artefacts.adapter import extract_adapter, plug_adapter
+from offsite.artefacts.peft_delta import PeftOptions, attach, delta_state, plug_delta
 from offsite.atomic import write_bytes_atomic, write_json_atomic
 from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import SplitPlan
@@ -100,8 +101,11 @@ def evaluate_offsite(
     full_learning_rate: float | None = None,
     on_phase: Callable[[str], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
+    peft: PeftOptions | None = None,
 ) -> dict:
     """Run the five settings on one task; `full` is left unchanged. Returns numbers and curves.
+
+    `peft`: train PEFT modules inside the adapter blocks instead of the blocks themselves.
 
     `cfg` trains the adapter, and the full-model ceiling on the same batches but at
     `full_learning_rate` (default `cfg`'s): the two want different rates, and each should get its best.
@@ -116,19 +120,30 @@ def evaluate_offsite(
             full, tokenizer, plan, Path(tmp) / "bundle", base_name="eval", emulator=emulator
         )
         student = bundle.load_model()
-    freeze_except_adapter(student, bundle)
+    if peft is not None:
+        peft = peft.resolved(full.config.model_type)
+        student = attach(student, peft, bundle.adapter_positions)
+    else:
+        freeze_except_adapter(student, bundle)
     board.phase("fine-tuning the adapter through the emulator")
     summary = train(student, train_data, cfg, pad_id=pad_id_of(tokenizer), on_step=on_step)
     board.r["curves"]["emulator_finetune"] = [h["loss"] for h in summary["history"]]
     board.score("emulator_finetuned", student)
-    plugged = copy.deepcopy(full)
-    plug_adapter(plugged, extract_adapter(student, bundle))
+    if peft is not None:
+        state = delta_state(student, bundle)
+        plugged = plug_delta(copy.deepcopy(full), peft, bundle, state)
+    else:
+        plugged, state = copy.deepcopy(full), extract_adapter(student, bundle)
+        plug_adapter(plugged, state)
     board.score("plug_in", plugged)
     del plugged, student
     if full_finetune:
         board.full_finetune(full, train_data, full_cfg, on_step)
     return board.result(steps=cfg.max_steps, train_examples=len(train_data), learning_rate=cfg.learning_rate,
-                        full_learning_rate=full_cfg.learning_rate)  # fmt: skip
+                        full_learning_rate=full_cfg.learning_rate, peft=peft.to_json() if peft else None,
+                        trainable_parameters=sum(v.numel() for v in state.values()),
+                        adapter_bytes=sum(v.numel() * v.element_size() for v in state.values()),
+                        adapter_tokens_per_second=summary["tokens_this_run"] / max(summary["seconds_this_run"], 1e-9))  # fmt: skip
 
 
 def _fmt(r: dict, value: float) -> str:
@@ -153,17 +168,27 @@ def five_settings_table(r: dict) -> str:
 
 def summary_table(results: list[dict]) -> str:
     """One row per task: the five settings and the derived figures."""
-    head = "| task | metric | full zero-shot | emulator zero-shot | emulator fine-tuned | plug-in | full fine-tuned | gap closed | privacy margin |"
-    lines = [head, "|" + "---|" * 9]
+    head = "| task | metric | full zero-shot | emulator zero-shot | emulator fine-tuned | plug-in | full fine-tuned | gap closed | privacy margin | adapter |"
+    lines = [head, "|" + "---|" * 10]
     for r in results:
         cells = [_fmt(r, r[k]) if r.get(k) is not None else "-" for k in SETTINGS]
         gap = f"{100 * r['gap_closed']:.0f}%" if r.get("gap_closed") is not None else "-"
         margin = (f"{100 * r['privacy_margin']:+.1f} pts" if r.get("metric") == "accuracy"
                   else f"{r['privacy_margin']:.2f}x")  # fmt: skip
         lines.append(
-            f"| {r['task']} | {r['metric']} | " + " | ".join(cells) + f" | {gap} | {margin} |"
+            f"| {r['task']} | {r['metric']} | "
+            + " | ".join(cells)
+            + f" | {gap} | {margin} | {_adapter_cell(r)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _adapter_cell(r: dict) -> str:
+    """What trained and how much of it travels: 'lora, 0.46M params, 1.8 MB'."""
+    if r.get("trainable_parameters") is None:
+        return "-"
+    method = (r.get("peft") or {}).get("method", "blocks")
+    return f"{method}, {r['trainable_parameters'] / 1e6:.2f}M params, {r['adapter_bytes'] / 1e6:.1f} MB"
 
 
 def write_results(results: list[dict], out: Path) -> None:

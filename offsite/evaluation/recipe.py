@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from offsite.artefacts.bundle import open_bundle
+from offsite.artefacts.peft_delta import PeftOptions
 from offsite.atomic import atomic_directory, check_output_dir
 from offsite.emulator.plan import bundle_plan
 from offsite.errors import OffsiteError
@@ -44,6 +45,7 @@ class EvaluateSpec:
     train_limit: int | None = None
     dtype: torch.dtype | None = None
     overwrite: bool = False
+    peft: PeftOptions | None = None  # PEFT inside the adapter blocks instead of training them
 
 
 def resolve_tasks(spec: EvaluateSpec) -> list[Task]:
@@ -86,7 +88,7 @@ def evaluate(
         phase = (lambda name, t=task.name: on_phase(t, name)) if on_phase else None
         r = evaluate_offsite(model, tok, bundle_plan(bundle.manifest), bundle.load_model(), task, spec.train,
                              full_finetune=spec.full_finetune, full_learning_rate=spec.full_learning_rate,
-                             on_phase=phase, on_step=on_step)  # fmt: skip
+                             on_phase=phase, on_step=on_step, peft=spec.peft)  # fmt: skip
         results.append({"model": spec.model, "bundle": str(bundle.path), **r})
     with atomic_directory(spec.out, overwrite=spec.overwrite) as tmp:
         write_results(results, tmp)
