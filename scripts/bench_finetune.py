@@ -1,10 +1,13 @@
-"""Benchmark: data-owner fine-tuning through the emulator vs full-model fine-tuning, same batches.
+"""Benchmark: data-owner fine-tuning through the emulator (whole adapter blocks, or LoRA inside
+them) against full-model fine-tuning, in float32 and bf16 mixed precision, over the same batches.
 
-    python -m scripts.bench_finetune                  # smollm2-135m, 2+2 adapter, 13 of 26 middle kept
+    python -m scripts.bench_finetune        # smollm2-135m, 2+2 adapter, 13 of 26 middle kept
 
-Each setting runs in its own process (so peak memory is its own) over the same batches. Prints
-one JSON line: tokens/s and peak memory of each, their ratios, the speed ratio a FLOP count
-predicts, each step's achieved FLOP/s and a matmul peak measured in the same run.
+Each configuration runs in its own process (so its peak memory is its own) and prints one JSON
+line: tokens/s, peak memory, FLOPs per token (LoRA counted honestly: frozen weights get no weight
+gradients), achieved FLOP/s and the matmul peak measured in the same precision at the shapes the
+model multiplies. A last line compares them against the targets: speed ratio vs the FLOP
+prediction, memory ratios, bf16 speed-up and the bf16 loss curve against float32.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from pathlib import Path
 import torch
 
 from offsite.artefacts.bundle import open_bundle
+from offsite.artefacts.peft_delta import PeftOptions, attach
 from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import make_plan
-from offsite.models.architectures import num_blocks
+from offsite.models.architectures import block_matmuls, num_blocks
 from offsite.models.flops import finetune_flops_per_token
 from offsite.models.loading import load_model, load_tokenizer
 from offsite.training.data import load_data, pad_id_of
@@ -30,51 +34,102 @@ from offsite.training.finetune import freeze_except_adapter
 from offsite.training.loop import TrainConfig, train
 
 SAMPLE = "data/samples/shakespeare-train.txt"
+CONFIGS = [(s, p) for s in ("full", "offsite", "offsite_lora") for p in ("no", "bf16")]
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16}
 
 
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    """Achieved FLOP/s of a square float32 matmul on this machine, best of `reps`."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
+def matmul_peak(shapes: list[tuple[int, int, int]], dtype: torch.dtype, reps: int = 5) -> float:
+    """Best achieved FLOP/s of an (m x k) @ (k x n) matmul in `dtype` over `shapes`."""
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+        seconds = min(_timed(lambda a=a, b=b: a @ b) for _ in range(reps))
+        best = max(best, 2 * m * k * n / seconds)
+    return best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def model_shapes(model, tokens: int) -> list[tuple[int, int, int]]:
+    """The forward matmul shapes of one block and the LM head at `tokens` tokens, and 2048^3."""
+    shapes = set()
+    for module, out_axis in block_matmuls(model, [0]):
+        weight = module.weight.shape
+        shapes.add((tokens, weight[1 - out_axis], weight[out_axis]))
+    head = model.get_output_embeddings()
+    return sorted(shapes | {(tokens, head.in_features, head.out_features), (2048, 2048, 2048)})
 
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _run(setting: str, args: argparse.Namespace, bundle_dir: str, queue) -> None:
+def _run(setting: str, precision: str, args: argparse.Namespace, bundle_dir: str, queue) -> None:
     torch.manual_seed(0)
     base_rss = _rss_mib()
     tokenizer = load_tokenizer(args.model)
-    if setting == "offsite":  # exactly what the data owner loads: the bundle, adapter trainable
+    if setting.startswith("offsite"):  # exactly what the data owner loads: the bundle
         bundle = open_bundle(bundle_dir)
         model = bundle.load_model(dtype=torch.float32)
-        freeze_except_adapter(model, bundle)
+        if setting == "offsite_lora":
+            model = attach(
+                model, PeftOptions("lora", rank=args.lora_rank), bundle.adapter_positions
+            )
+        else:
+            freeze_except_adapter(model, bundle)
     else:
         model = load_model(args.model)
+        model.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     data = load_data(args.data, tokenizer, args.block_size)
-    cfg = TrainConfig(
-        max_steps=args.steps, batch_size=args.batch_size, learning_rate=1e-5, save_every=0
-    )
+    cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=1e-5,
+                      save_every=0, mixed_precision=precision)  # fmt: skip
     times: list[float] = []
-    train(
-        model,
-        data,
-        cfg,
-        pad_id=pad_id_of(tokenizer),
-        on_step=lambda info: times.append(time.perf_counter()),
-    )
+    summary = train(model, data, cfg, pad_id=pad_id_of(tokenizer),
+                    on_step=lambda info: times.append(time.perf_counter()))  # fmt: skip
     timed = times[args.warmup :]
     step_s = (timed[-1] - timed[0]) / (len(timed) - 1)
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _rss_mib()
-    queue.put({"setting": setting, "step_s": step_s, "tokens_per_s": args.batch_size * args.block_size / step_s,
-               "peak_mib": peak, "baseline_mib": base_rss})  # fmt: skip
+    queue.put({"config": setting, "precision": precision, "step_s": step_s, "trainable_parameters": trainable,
+               "tokens_per_s": args.batch_size * args.block_size / step_s, "peak_mib": peak,
+               "above_baseline_mib": peak - base_rss, "losses": [h["loss"] for h in summary["history"]]})  # fmt: skip
+
+
+def _measure(args: argparse.Namespace, bundle_dir: str) -> dict[tuple[str, str], dict]:
+    ctx, results = mp.get_context("spawn"), {}
+    for setting, precision in CONFIGS:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_run, args=(setting, precision, args, bundle_dir, queue))
+        proc.start()
+        results[setting, precision] = queue.get()
+        proc.join()
+    return results
+
+
+def _summary(rows: dict[tuple[str, str], dict], flops: dict) -> dict:
+    """The figures the targets are stated in."""
+    out: dict = {"summary": True}
+    for p in ("no", "bf16"):
+        full, off, lora = rows["full", p], rows["offsite", p], rows["offsite_lora", p]
+        predicted = flops["full"]["total"] / flops["offsite_lora"]["total"]
+        speed = lora["tokens_per_s"] / full["tokens_per_s"]
+        out[p] = {"lora_speed_ratio": round(speed, 3), "lora_flop_predicted_ratio": round(predicted, 3),
+                  "lora_speed_vs_predicted": round(speed / predicted, 3),
+                  "lora_memory_ratio": round(lora["peak_mib"] / full["peak_mib"], 3),
+                  "lora_memory_ratio_above_baseline": round(lora["above_baseline_mib"] / full["above_baseline_mib"], 3),
+                  "blocks_memory_ratio": round(off["peak_mib"] / full["peak_mib"], 3),
+                  "blocks_memory_ratio_above_baseline": round(off["above_baseline_mib"] / full["above_baseline_mib"], 3)}  # fmt: skip
+    for s in ("full", "offsite", "offsite_lora"):
+        fp32, bf16 = rows[s, "no"], rows[s, "bf16"]
+        gap = max(abs(a - b) / a for a, b in zip(fp32["losses"], bf16["losses"], strict=True))
+        out[f"{s}_bf16_speedup"] = round(bf16["tokens_per_s"] / fp32["tokens_per_s"], 3)
+        out[f"{s}_bf16_loss_max_relative_difference"] = round(gap, 4)
+    return out
 
 
 def main() -> None:
@@ -86,61 +141,30 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--lora-rank", type=int, default=8)
     args = parser.parse_args()
 
     model = load_model(args.model)  # also converts a GGUF once, outside the measured processes
-    config = model.config
+    config, tokens = model.config, args.batch_size * args.block_size
     plan = make_plan(num_blocks(config), emulator_layers=args.emulator_layers)
-    ctx = mp.get_context("spawn")
-    results = {}
+    shapes = model_shapes(model, tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        package_emulator(
-            model,
-            load_tokenizer(args.model),
-            plan,
-            Path(tmp) / "bundle",
-            base_name=args.model,
-            inplace=True,
-        )
+        package_emulator(model, load_tokenizer(args.model), plan, Path(tmp) / "bundle", base_name=args.model,
+                         inplace=True)  # fmt: skip
         del model
-        for setting in ("offsite", "full"):
-            queue = ctx.Queue()
-            proc = ctx.Process(target=_run, args=(setting, args, str(Path(tmp) / "bundle"), queue))
-            proc.start()
-            results[setting] = queue.get()
-            proc.join()
-    peak = matmul_peak()
-
-    flops = finetune_flops_per_token(
-        config,
-        emulator_depth=len(plan.emulator_order),
-        adapter_blocks=len(plan.adapter),
-        seq_len=args.block_size,
-    )
-    step_tokens = args.batch_size * args.block_size
-    off, full = results["offsite"], results["full"]
-    speed_ratio = off["tokens_per_s"] / full["tokens_per_s"]
-    predicted = flops["full"]["total"] / flops["offsite"]["total"]
-    out = {
-        "model": args.model, "adapter_blocks": list(plan.adapter), "kept_blocks": list(plan.kept),
-        "tokens_per_step": step_tokens, "steps_timed": args.steps - args.warmup,
-        "offsite_tokens_per_s": round(off["tokens_per_s"], 1), "full_tokens_per_s": round(full["tokens_per_s"], 1),
-        "speed_ratio": round(speed_ratio, 3), "flop_predicted_ratio": round(predicted, 3),
-        "speed_vs_predicted": round(speed_ratio / predicted, 3),
-        "offsite_peak_mib": round(off["peak_mib"]), "full_peak_mib": round(full["peak_mib"]),
-        "memory_ratio": round(off["peak_mib"] / full["peak_mib"], 3),
-        "memory_ratio_above_baseline": round((off["peak_mib"] - off["baseline_mib"]) / (full["peak_mib"] - full["baseline_mib"]), 3),
-        "matmul_peak_gflops": round(peak / 1e9, 1),
-        "offsite_step_gflops": round(flops["offsite"]["total"] * step_tokens / off["step_s"] / 1e9, 1),
-        "full_step_gflops": round(flops["full"]["total"] * step_tokens / full["step_s"] / 1e9, 1),
-        "flops_per_token": flops,
-    }  # fmt: skip
-    out["offsite_vs_peak"] = round(out["offsite_step_gflops"] / out["matmul_peak_gflops"], 3)
-    out["full_vs_peak"] = round(out["full_step_gflops"] / out["matmul_peak_gflops"], 3)
-    out["memory_kind"] = (
-        "cuda max_memory_allocated" if torch.cuda.is_available() else "process peak RSS"
-    )
-    print(json.dumps(out))
+        rows = _measure(args, str(Path(tmp) / "bundle"))
+    flops = finetune_flops_per_token(config, emulator_depth=len(plan.emulator_order), adapter_blocks=len(plan.adapter),
+                                     seq_len=args.block_size, lora_rank=args.lora_rank)  # fmt: skip
+    peaks = {p: matmul_peak(shapes, DTYPES[p]) for p in DTYPES}
+    for (setting, precision), row in rows.items():
+        step_flops = flops[setting]["total"] * tokens / row["step_s"]
+        print(json.dumps({"model": args.model, **{k: v for k, v in row.items() if k != "losses"},
+                          "tokens_per_step": tokens, "steps_timed": args.steps - args.warmup,
+                          "flops_per_token": flops[setting], "step_gflops": round(step_flops / 1e9, 1),
+                          "matmul_peak_gflops": round(peaks[precision] / 1e9, 1),
+                          "vs_peak": round(step_flops / peaks[precision], 3), "losses": row["losses"],
+                          "memory_kind": "cuda max_memory_allocated" if torch.cuda.is_available() else "process peak RSS"}))  # fmt: skip
+    print(json.dumps(_summary(rows, flops)))
 
 
 if __name__ == "__main__":

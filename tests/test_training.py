@@ -114,3 +114,28 @@ def test_claim_tolerates_another_process_writing_the_marker(tmp_path):
     (tmp_path / "other" / ".notes.tmp").write_text("x")
     with pytest.raises(OffsiteError, match="not offsite checkpoints"):
         claim_checkpoint_dir(tmp_path / "other")
+
+
+def _losses(family, corpus_file, tokenizer, **cfg):
+    from offsite.training.data import load_data
+    from offsite.training.loop import train
+
+    torch.manual_seed(0)
+    model = tiny_model(family)
+    data = load_data(corpus_file, tokenizer, 16)
+    summary = train(model, data, TrainConfig(max_steps=6, batch_size=2, learning_rate=1e-3, save_every=0, **cfg),
+                    pad_id=0)  # fmt: skip
+    return [h["loss"] for h in summary["history"]], model
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_bf16_chunked_loss_and_checkpointing_follow_the_float32_curve(
+    family, corpus_file, tokenizer
+):
+    reference, ref_model = _losses(family, corpus_file, tokenizer, loss_chunk_tokens=0)
+    chunked, model = _losses(family, corpus_file, tokenizer, gradient_checkpointing=True)
+    torch.testing.assert_close(chunked, reference, atol=1e-4, rtol=1e-4)
+    for a, b in zip(model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    bf16, _ = _losses(family, corpus_file, tokenizer, mixed_precision="bf16")
+    assert max(abs(a - b) / a for a, b in zip(reference, bf16, strict=True)) < 0.02

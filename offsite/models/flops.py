@@ -30,23 +30,35 @@ def block_costs(config, seq_len: int) -> tuple[float, float, float]:
     return 2.0 * _matmul_macs(model, 0), float(attention), float(head)
 
 
+def lora_costs(config, rank: int) -> float:
+    """Forward FLOPs per token of rank-`rank` LoRA on every matmul of one block (x A then x B)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return 2.0 * rank * sum(sum(m.weight.shape) for m, _ in block_matmuls(model, [0]))
+
+
 def finetune_flops_per_token(
-    config, *, emulator_depth: int, adapter_blocks: int, seq_len: int
+    config, *, emulator_depth: int, adapter_blocks: int, seq_len: int, lora_rank: int = 0
 ) -> dict[str, dict[str, float]]:
     """FLOPs per token of offsite fine-tuning (an emulator of `emulator_depth` blocks, of which
-    `adapter_blocks` train) and of full fine-tuning."""
+    `adapter_blocks` train), of the same with rank-`lora_rank` LoRA on every matmul of the adapter
+    blocks instead (their own weights frozen: no weight gradients but LoRA's), and of full
+    fine-tuning."""
     weights, attention, head = block_costs(config, seq_len)
     block_fwd = weights + attention
+    lora = lora_costs(config, lora_rank) * adapter_blocks if lora_rank else 0.0
 
-    def cost(depth: int, trained_blocks: int, head_trained: bool) -> dict[str, float]:
-        forward = depth * block_fwd + head
+    def cost(depth: int, trained_weights: float, extra: float = 0.0) -> dict[str, float]:
+        forward = depth * block_fwd + head + extra
         # dX for every matmul between the loss and the lowest trained block; attention: both operands
-        activation = depth * (weights + 2 * attention) + head
-        weight = trained_blocks * weights + (head if head_trained else 0.0)
-        return {"forward": forward, "activation_grad": activation, "weight_grad": weight,
-                "total": forward + activation + weight}  # fmt: skip
+        activation = depth * (weights + 2 * attention) + head + extra
+        return {"forward": forward, "activation_grad": activation, "weight_grad": trained_weights,
+                "total": forward + activation + trained_weights}  # fmt: skip
 
-    return {
-        "offsite": cost(emulator_depth, adapter_blocks, head_trained=False),
-        "full": cost(num_blocks(config), num_blocks(config), head_trained=True),
+    out = {
+        "offsite": cost(emulator_depth, adapter_blocks * weights),
+        "full": cost(num_blocks(config), num_blocks(config) * weights + head),
     }
+    if lora_rank:
+        out["offsite_lora"] = cost(emulator_depth, lora, extra=lora)
+    return out

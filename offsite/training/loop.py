@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from transformers import get_scheduler
 
 from offsite.errors import OffsiteError
@@ -123,6 +124,10 @@ def _no_accelerator() -> bool:
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """An Accelerator for `cfg`, with a clear error where the hardware lacks the precision."""
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != cfg.mixed_precision:
+        # accelerate keeps one precision per process; a library runs several trainings in one
+        AcceleratorState._reset_state()
     try:
         # accelerate sets up gloo across `torchrun` CPU processes only when told cpu=True
         return Accelerator(
