@@ -105,7 +105,7 @@ def main() -> None:
     distill = TrainConfig(
         max_steps=a.distill_steps, learning_rate=1e-4, warmup_steps=10, eval_every=25
     )
-    recipes = [("no distillation", {})]
+    recipes = [("no distillation", {"layerwise": None})]
     if a.layerwise_steps:
         recipes.append(("layer-wise", {"layerwise": LayerwiseConfig(steps=a.layerwise_steps)}))
     if a.distill_data:
@@ -116,7 +116,7 @@ def main() -> None:
             recipe = EmulatorRecipe(
                 selection=a.selection, selection_data=Path(a.selection_data or a.train), **options
             )
-            emulator, plan, _ = make_emulator(
+            emulator, plan, info = make_emulator(
                 full, tok, make_plan(num_blocks(full.config), emulator_layers=k), recipe
             )
             r = evaluate_offsite(full, tok, plan, emulator, task, cfg, full_finetune=full_ft is None and not a.no_full_finetune,
@@ -127,7 +127,7 @@ def main() -> None:
             elif full_ft is not None:  # same task, same batches: the ceiling is measured once
                 r.update(full_finetuned=full_ft)
                 r.update(derived(r))
-            rows.append({"kept": k, "recipe": name, "selection": a.selection, **r})
+            rows.append({"kept": k, "recipe": name, "selection": a.selection, "emulator": info, **r})
             (out / "report.json").write_text(json.dumps(rows, indent=2))
     (out / "report.md").write_text(table(rows))
     plot(rows, out / "report.png")

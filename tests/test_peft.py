@@ -223,5 +223,25 @@ def test_bad_peft_options_get_one_line_errors(tokenizer, tmp_path, capsys):
                  "--peft-targets", tmp_path / "a")  # fmt: skip
     expect_error(capsys, data_owner, [*base, "--peft", "lora", "--peft-targets", "no_such_proj"],
                  "--peft lora", tmp_path / "a")  # fmt: skip
-    with pytest.raises(OffsiteError, match="--peft 'bitfit' unknown"):
-        PeftOptions("bitfit")
+    expect_error(
+        capsys, data_owner, [*base, "--peft", "bitfit"], "have no bias parameters", tmp_path / "a"
+    )
+    with pytest.raises(OffsiteError, match="--peft 'adapterdrop' unknown"):
+        PeftOptions("adapterdrop")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "bloom"])
+def test_bitfit_returns_and_merges_only_the_adapter_blocks_biases(family, tokenizer, tmp_path):
+    bundle = _setup(family, tokenizer, tmp_path)
+    adapter = _finetune(bundle, tmp_path, PeftOptions("bitfit"))
+    assert adapter.kind == "blocks" and adapter.trained == "bias"
+    state = load_file(str(adapter.weights))
+    assert state and all(k.endswith(".bias") for k in state)
+    assert {_block_of(k) for k in state} == ADAPTER_BLOCKS
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    merge(MergeSpec(tmp_path / "a", tmp_path / "b", tmp_path / "m", model=str(tmp_path / "full"),
+                    allow_unsigned=True))  # fmt: skip
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").state_dict()
+    changed = {k for k, v in full.state_dict().items() if not torch.equal(v, merged[k])}
+    assert changed and changed <= set(state)
+    assert json.loads((tmp_path / "m" / "offsite_merge.json").read_text())["trained"] == "bias"

@@ -34,6 +34,13 @@ NOT_HASHED = (ADAPTER_MANIFEST, ADAPTER_SIGNATURE)
 # what each kind of adapter carries besides its manifest and signature: whole adapter blocks, or
 # a PEFT delta in peft's layout (LoRA, IA3, LN tuning, prompt tuning)
 PAYLOADS = {"blocks": (WEIGHTS_NAME,), "peft": (PEFT_WEIGHTS, PEFT_CONFIG)}
+# which tensors of the adapter blocks a block adapter carries: all, or the biases only (BitFit)
+TRAINED = ("all", "bias")
+
+
+def only_trained(spec: dict, trained: str) -> dict:
+    """The entries of `spec` (names -> anything) that an adapter training `trained` carries."""
+    return {k: v for k, v in spec.items() if trained == "all" or k.endswith(".bias")}
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,10 @@ class Adapter:
     @property
     def kind(self) -> str:
         return self.manifest.get("kind", "blocks")
+
+    @property
+    def trained(self) -> str:
+        return self.manifest.get("trained", "all")
 
     @property
     def weights(self) -> Path:
@@ -87,10 +98,13 @@ def block_parameters(model: PreTrainedModel, positions: list[int]) -> dict[str, 
     }
 
 
-def extract_adapter(emulator: PreTrainedModel, bundle: Bundle) -> dict[str, torch.Tensor]:
-    """The emulator's adapter blocks, renamed to the full model's parameter names."""
+def extract_adapter(
+    emulator: PreTrainedModel, bundle: Bundle, trained: str = "all"
+) -> dict[str, torch.Tensor]:
+    """The emulator's adapter blocks (`trained`: all their tensors, or the biases), renamed to the
+    full model's parameter names."""
     prefix = bundle.manifest["base_model"]["block_prefix"]
-    state = block_parameters(emulator, bundle.adapter_positions)
+    state = only_trained(block_parameters(emulator, bundle.adapter_positions), trained)
     mapping = {b["index"]: b["source"] for b in bundle.manifest["blocks"] if b["role"] == "adapter"}
     return {
         k: v.detach().cpu().contiguous() for k, v in remap_blocks(state, prefix, mapping).items()
@@ -106,6 +120,7 @@ def save_adapter(
     overwrite: bool = False,
     signer: Signer | None = None,
     peft: tuple[dict, dict] | None = None,
+    trained: str = "all",
 ) -> Adapter:
     """Write adapter weights and a manifest naming the bundle they were trained from, atomically.
 
@@ -126,6 +141,8 @@ def save_adapter(
     }
     if peft is not None:
         manifest.update(kind="peft", peft=peft[0])
+    if trained != "all":
+        manifest["trained"] = trained
     with atomic_directory(out, overwrite=overwrite) as tmp:
         save_file(
             state, str(tmp / PAYLOADS[manifest.get("kind", "blocks")][0]), metadata={"format": "pt"}
@@ -169,6 +186,8 @@ def open_adapter(path: str | Path) -> Adapter:
         )
     if kind == "peft":
         field(data, "peft", dict, mpath)
+    if data.get("trained", "all") not in TRAINED:
+        raise VerificationError(f"{mpath}: 'trained' must be one of {', '.join(TRAINED)}")
     for name in PAYLOADS[kind]:
         if name not in files:
             raise VerificationError(f"{mpath}: 'files' does not list {name}")
@@ -212,7 +231,7 @@ def plug_into_emulator(emulator: PreTrainedModel, bundle: Bundle, adapter: Adapt
         raise VerificationError(
             f"{adapter.path}: adapter was not trained from bundle {bundle.path}"
         )
-    expected = spec_of(extract_adapter(emulator, bundle))
+    expected = spec_of(extract_adapter(emulator, bundle, adapter.trained))
     check_spec(str(adapter.path / ADAPTER_MANIFEST), adapter.spec, expected)
     state = load_checked(adapter.path / WEIGHTS_NAME, expected)
     mapping = {b["source"]: b["index"] for b in bundle.manifest["blocks"] if b["role"] == "adapter"}
@@ -239,7 +258,9 @@ def verify_adapter_for_bundle(
     """Check an adapter against the bundle it claims (ids, key set, shapes, dtypes, finite values);
     `expected`: `spec_from_bundle(bundle)`, if the caller already has it."""
     check_bundle_ids(adapter, bundle)
-    expected = expected if expected is not None else spec_from_bundle(bundle)
+    expected = only_trained(
+        expected if expected is not None else spec_from_bundle(bundle), adapter.trained
+    )
     check_spec(str(adapter.path / ADAPTER_MANIFEST), adapter.spec, expected)
     return load_checked(adapter.path / WEIGHTS_NAME, expected)
 

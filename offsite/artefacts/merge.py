@@ -23,6 +23,7 @@ from offsite.artefacts.adapter import (
     WEIGHTS_NAME,
     Adapter,
     expected_spec,
+    only_trained,
     open_adapter,
     plug_adapter,
 )
@@ -54,7 +55,7 @@ def verify_adapter(
     of the bundle's adapter blocks, shapes, dtypes and finite values.
     """
     check_origin(adapter, bundle, full_model, fingerprint)
-    expected = expected_spec(full_model, bundle.adapter_sources)
+    expected = only_trained(expected_spec(full_model, bundle.adapter_sources), adapter.trained)
     check_spec(str(adapter.path / ADAPTER_MANIFEST), adapter.spec, expected)
     return load_checked(adapter.path / WEIGHTS_NAME, expected)
 
@@ -152,6 +153,8 @@ def merge(spec: MergeSpec) -> dict:
     }
     if adapter.kind == "peft":
         record["peft"] = adapter.manifest["peft"]
+    if adapter.trained != "all":
+        record["trained"] = adapter.trained
     if prompt is not None:
         record["prompt"] = (
             f"{PROMPT_DIR}/: the soft prompt; PeftModel.from_pretrained(model, 'OUT/{PROMPT_DIR}')"

@@ -35,7 +35,8 @@ from offsite.artefacts.tensorcheck import TensorSpec, check_spec, dtype_name, lo
 from offsite.errors import OffsiteError, VerificationError
 from offsite.models.architectures import arch_spec
 
-PEFT_METHODS = ("lora", "ia3", "ln", "prompt")
+PEFT_METHODS = ("lora", "ia3", "ln", "bitfit", "prompt")
+# BitFit (the adapter blocks' biases only) has no peft tuner: it returns a block adapter of biases
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 # fields of peft's config that describe where it came from, not what it does
 _PROVENANCE = {
@@ -76,7 +77,7 @@ class PeftOptions:
 
     def resolved(self, model_type: str) -> PeftOptions:
         """These options with the registry's targets filled in (what the manifest records)."""
-        if self.targets or self.method == "prompt":
+        if self.targets or self.method in ("prompt", "bitfit"):
             return self
         t = arch_spec(model_type).peft
         return replace(self, targets={"lora": t.linear, "ia3": t.ia3, "ln": t.norms}[self.method])
@@ -101,6 +102,8 @@ def _pattern(blocks: str, layers: list[int], names: tuple[str, ...]) -> str:
 def peft_config(options: PeftOptions, model_type: str, layers: list[int]) -> PeftConfig:
     """peft's config for `options` confined to the blocks `layers` of a `model_type` model."""
     spec = arch_spec(model_type)
+    if options.method == "bitfit":
+        raise OffsiteError("--peft bitfit trains the adapter blocks' biases; it has no peft config")
     if options.method == "prompt":
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=options.virtual_tokens)
     targets = _pattern(spec.blocks, layers, options.resolved(model_type).targets)

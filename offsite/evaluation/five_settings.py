@@ -18,14 +18,14 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedModel
 
-from offsite.artefacts.adapter import extract_adapter, plug_adapter
-from offsite.artefacts.peft_delta import PeftOptions, attach, delta_state, plug_delta
+from offsite.artefacts.adapter import plug_adapter
+from offsite.artefacts.peft_delta import PeftOptions, plug_delta
 from offsite.atomic import write_bytes_atomic, write_json_atomic
 from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import SplitPlan
 from offsite.evaluation.tasks import Task
 from offsite.training.data import TokenData, pad_id_of
-from offsite.training.finetune import freeze_except_adapter
+from offsite.training.finetune import make_trainable, trained_adapter
 from offsite.training.loop import StepInfo, TrainConfig, train
 
 # The full-model ceiling's learning rate (README: 2e-4 beat 1e-3 and 1e-4 for full fine-tuning).
@@ -120,20 +120,17 @@ def evaluate_offsite(
             full, tokenizer, plan, Path(tmp) / "bundle", base_name="eval", emulator=emulator
         )
         student = bundle.load_model()
-    if peft is not None:
-        peft = peft.resolved(full.config.model_type)
-        student = attach(student, peft, bundle.adapter_positions)
-    else:
-        freeze_except_adapter(student, bundle)
+    peft = peft.resolved(full.config.model_type) if peft is not None else None
+    student, _ = make_trainable(student, bundle, peft)
     board.phase("fine-tuning the adapter through the emulator")
     summary = train(student, train_data, cfg, pad_id=pad_id_of(tokenizer), on_step=on_step)
     board.r["curves"]["emulator_finetune"] = [h["loss"] for h in summary["history"]]
     board.score("emulator_finetuned", student)
-    if peft is not None:
-        state = delta_state(student, bundle)
-        plugged = plug_delta(copy.deepcopy(full), peft, bundle, state)
+    state, kind = trained_adapter(student, bundle, peft)
+    plugged = copy.deepcopy(full)
+    if "peft" in kind:
+        plugged = plug_delta(plugged, peft, bundle, state)
     else:
-        plugged, state = copy.deepcopy(full), extract_adapter(student, bundle)
         plug_adapter(plugged, state)
     board.score("plug_in", plugged)
     del plugged, student

@@ -10,11 +10,18 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from offsite.artefacts.adapter import Adapter, block_parameters, extract_adapter, save_adapter
+from offsite.artefacts.adapter import (
+    Adapter,
+    block_parameters,
+    extract_adapter,
+    only_trained,
+    save_adapter,
+)
 from offsite.artefacts.bundle import Bundle, check_bundle_model
 from offsite.artefacts.peft_delta import PeftOptions, attach, delta_state, full_config
 from offsite.artefacts.signing import Signer
 from offsite.atomic import check_apart, check_output_dir, check_writable
+from offsite.errors import OffsiteError
 from offsite.training.checkpoint import remove_checkpoints
 from offsite.training.data import load_data, pad_id_of, split_validation
 from offsite.training.loop import StepInfo, TrainConfig, make_accelerator, train
@@ -46,13 +53,37 @@ class FinetuneJob:
         return self.checkpoint_dir or self.out.with_name(self.out.name + ".ckpt")
 
 
-def freeze_except_adapter(model: PreTrainedModel, bundle: Bundle) -> int:
-    """Freeze everything but the adapter blocks; returns the number of trainable parameters."""
+def freeze_except_adapter(model: PreTrainedModel, bundle: Bundle, trained: str = "all") -> int:
+    """Freeze everything but the adapter blocks (`trained`: all their tensors, or the biases);
+    returns the number of trainable parameters."""
     model.requires_grad_(False)
-    trainable = block_parameters(model, bundle.adapter_positions)
+    trainable = only_trained(block_parameters(model, bundle.adapter_positions), trained)
+    if not trainable:
+        raise OffsiteError(
+            f"--peft bitfit: the adapter blocks of this {model.config.model_type} model have no "
+            "bias parameters; choose lora, ia3 or ln"
+        )
     for p in trainable.values():
         p.requires_grad_(True)
     return sum(p.numel() for p in trainable.values())
+
+
+def make_trainable(model: PreTrainedModel, bundle: Bundle, peft: PeftOptions | None):
+    """The emulator ready to train: the adapter blocks, or PEFT modules inside them, trainable.
+    Returns (the model to train, which may be a PeftModel; the number of trainable parameters)."""
+    if peft is None or peft.method == "bitfit":
+        return model, freeze_except_adapter(model, bundle, "bias" if peft else "all")
+    model = attach(model, peft, bundle.adapter_positions)
+    return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def trained_adapter(model, bundle: Bundle, peft: PeftOptions | None) -> tuple[dict, dict]:
+    """What the data owner returns from a trained `make_trainable` model: (tensors keyed by the
+    full model's names, the matching `save_adapter` keywords)."""
+    if peft is None or peft.method == "bitfit":
+        trained = "bias" if peft else "all"
+        return extract_adapter(model, bundle, trained), {"trained": trained}
+    return delta_state(model, bundle), {"peft": (peft.to_json(), full_config(peft, bundle))}
 
 
 def finetune_bundle(
@@ -77,11 +108,7 @@ def finetune_bundle(
     model = bundle.load_model(dtype=torch.float32)
     check_bundle_model(bundle, model)
     options = job.peft.resolved(model.config.model_type) if job.peft else None
-    if options is not None:
-        model = attach(model, options, bundle.adapter_positions)
-        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    else:
-        n_trainable = freeze_except_adapter(model, bundle)
+    model, n_trainable = make_trainable(model, bundle, options)
     log.info("training %d adapter parameters on %d examples", n_trainable, len(train_data))
     summary = train(
         model, train_data, cfg, pad_id=pad_id_of(tokenizer), val_data=val_data,
@@ -94,14 +121,9 @@ def finetune_bundle(
     summary.update(
         trainable_parameters=n_trainable, block_size=job.block_size, data_file=job.data.name
     )
-    trained = acc.unwrap_model(model)
-    if options is not None:
-        state = delta_state(trained, bundle)
-        peft = (options.to_json(), full_config(options, bundle))
-    else:
-        state, peft = extract_adapter(trained, bundle), None
+    state, kind = trained_adapter(acc.unwrap_model(model), bundle, options)
     adapter = save_adapter(
-        state, bundle, job.out, training=summary, overwrite=job.overwrite, signer=signer, peft=peft
+        state, bundle, job.out, training=summary, overwrite=job.overwrite, signer=signer, **kind
     )
     if not job.keep_checkpoints:
         remove_checkpoints(job.checkpoints)
