@@ -51,7 +51,7 @@ def _setup(family, tokenizer, tmp_path):
     return bundle
 
 
-def _finetune(bundle, tmp_path, options, steps=3):
+def _finetune(bundle, tmp_path, options, steps=3):  # options None: whole adapter blocks
     job = FinetuneJob(
         tmp_path / "d.txt", tmp_path / "a", block_size=16, val_fraction=0.1, peft=options
     )
@@ -245,3 +245,43 @@ def test_bitfit_returns_and_merges_only_the_adapter_blocks_biases(family, tokeni
     changed = {k for k, v in full.state_dict().items() if not torch.equal(v, merged[k])}
     assert changed and changed <= set(state)
     assert json.loads((tmp_path / "m" / "offsite_merge.json").read_text())["trained"] == "bias"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", [None, "lora", "ia3"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma2"])
+def test_streaming_merge_equals_the_in_memory_merge(family, method, dtype, tokenizer, tmp_path):
+    from offsite.artefacts.shards import tensor_map
+
+    tiny_model(family).to(dtype).save_pretrained(tmp_path / "full", max_shard_size="60KB")
+    tokenizer.save_pretrained(tmp_path / "full")
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    assert full.dtype == dtype
+    bundle = package_emulator(full, tokenizer, make_plan(DEPTH, emulator_layers=2), tmp_path / "b",
+                              base_name=family)  # fmt: skip
+    assert {v.dtype for v in load_file(str(tmp_path / "b" / "model.safetensors")).values()} == {
+        dtype
+    }
+    (tmp_path / "d.txt").write_text(CORPUS)
+    adapter = _finetune(bundle, tmp_path, PeftOptions(method) if method else None, steps=2)
+    if method is None:
+        assert {v.dtype for v in load_file(str(adapter.weights)).values()} == {dtype}
+    runs = {}
+    for how, kw in (("stream", {}), ("loaded", {"dtype": dtype})):
+        out = tmp_path / how
+        record = merge(MergeSpec(tmp_path / "a", tmp_path / "b", out, model=str(tmp_path / "full"),
+                                 allow_unsigned=True, **kw))  # fmt: skip
+        assert record["written"].startswith({"stream": "streaming", "loaded": "loaded"}[how])
+        runs[how] = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert runs["stream"].keys() == runs["loaded"].keys()
+    for k, v in runs["stream"].items():
+        assert v.dtype == dtype and torch.equal(v, runs["loaded"][k]), k
+    source, merged = tensor_map(tmp_path / "full"), tensor_map(tmp_path / "stream")
+    assert [p.name for p in sorted({e.file for e in merged.values()})] == [
+        p.name for p in sorted({e.file for e in source.values()})
+    ]
+    for name, e in source.items():
+        same = (tmp_path / "full" / e.file.name).read_bytes()[e.start : e.end] == merged[
+            name
+        ].file.read_bytes()[merged[name].start : merged[name].end]
+        assert same or _block_of(name) in ADAPTER_BLOCKS, name

@@ -9,12 +9,13 @@ was verified, written atomically with it.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 from offsite.artefacts.adapter import (
     ADAPTER_MANIFEST,
@@ -28,13 +29,29 @@ from offsite.artefacts.adapter import (
     plug_adapter,
 )
 from offsite.artefacts.bundle import Bundle, open_bundle
-from offsite.artefacts.peft_delta import merge_delta, verify_delta
+from offsite.artefacts.peft_delta import merge_delta, merged_blocks, verify_delta
+from offsite.artefacts.shards import (
+    NotStreamable,
+    block_parameter_names,
+    copy_with,
+    is_sharded_dir,
+    stream_fingerprint,
+    tensor_map,
+)
 from offsite.artefacts.tensorcheck import check_spec, load_checked
 from offsite.atomic import atomic_directory, check_apart, check_output_dir
 from offsite.errors import OffsiteError, VerificationError
 from offsite.models.architectures import block_prefix
 from offsite.models.fingerprint import model_fingerprint
-from offsite.models.loading import DEFAULT_MODEL, load_model, load_tokenizer
+from offsite.models.loading import (
+    DEFAULT_MODEL,
+    load_model,
+    load_tokenizer,
+    local_path,
+    resolve_model,
+)
+
+log = logging.getLogger(__name__)
 
 MERGE_RECORD = "offsite_merge.json"
 MERGE_RECORD_VERSION = 1
@@ -54,15 +71,13 @@ def verify_adapter(
     Bundle id, base fingerprint (of the bundle and the adapter), block prefix, the exact key set
     of the bundle's adapter blocks, shapes, dtypes and finite values.
     """
-    check_origin(adapter, bundle, full_model, fingerprint)
+    check_origin(adapter, bundle, full_model.config.model_type, fingerprint)
     expected = only_trained(expected_spec(full_model, bundle.adapter_sources), adapter.trained)
     check_spec(str(adapter.path / ADAPTER_MANIFEST), adapter.spec, expected)
     return load_checked(adapter.path / WEIGHTS_NAME, expected)
 
 
-def check_origin(
-    adapter: Adapter, bundle: Bundle, full_model: PreTrainedModel, fingerprint: str
-) -> None:
+def check_origin(adapter: Adapter, bundle: Bundle, model_type: str, fingerprint: str) -> None:
     """The adapter was trained from this bundle, and both were made for this very model."""
     m, where = adapter.manifest, adapter.path
     if m["bundle_id"] != bundle.bundle_id:
@@ -75,7 +90,7 @@ def check_origin(
                 f"{where}: the {name} was made for base model {value[:19]}…, not this one "
                 f"({fingerprint[:19]}…); merge it into the model its bundle was made from"
             )
-    if m["block_prefix"] != block_prefix(full_model.config.model_type):
+    if m["block_prefix"] != block_prefix(model_type):
         raise VerificationError(
             f"{where}: block_prefix {m['block_prefix']!r} does not match this model"
         )
@@ -112,7 +127,10 @@ class MergeSpec:
 
 
 def merge(spec: MergeSpec) -> dict:
-    """Verify the adapter (signature, bundle, key set, values), plug it in, write the merged model."""
+    """Verify the adapter (signature, bundle, key set, values), plug it in, write the merged model.
+
+    A safetensors source kept in its own dtype is merged by streaming: its shards are copied and
+    only the adapter blocks' bytes replaced (memory: the adapter blocks); otherwise it is loaded."""
     check_output_dir(spec.out, spec.overwrite)
     model_dir = spec.model if Path(spec.model).exists() else None
     check_apart(
@@ -124,18 +142,61 @@ def merge(spec: MergeSpec) -> dict:
     if spec.signer_key is not None:
         signer = adapter.verify_signature(spec.signer_key)
         signature = f"verified: signed by {signer!r} with the key the owner holds for it"
+    source = Path(local_path(resolve_model(spec.model)))
+    if spec.dtype is None and is_sharded_dir(source):
+        try:
+            return _merge_streaming(spec, adapter, bundle, source, signature)
+        except NotStreamable as e:
+            log.info("merging in memory: %s", e)
+    return _merge_loaded(spec, adapter, bundle, signature)
+
+
+def _merge_streaming(spec: MergeSpec, adapter: Adapter, bundle: Bundle, source: Path, signature: str) -> dict:  # fmt: skip
+    fingerprint = stream_fingerprint(source)
+    check_origin(adapter, bundle, AutoConfig.from_pretrained(source).model_type, fingerprint)
+    replacements: dict[str, torch.Tensor] = {}
+    if adapter.kind == "peft":
+        options, delta = verify_delta(adapter, bundle)
+        if options.method != "prompt":
+            replacements = merged_blocks(source, bundle, options, delta)
+    else:
+        stored = tensor_map(source)
+        names = block_parameter_names(source, bundle.adapter_sources)
+        expected = only_trained(
+            {n: (stored[n].dtype, stored[n].shape) for n in names}, adapter.trained
+        )
+        check_spec(str(adapter.path / ADAPTER_MANIFEST), adapter.spec, expected)
+        replacements = load_checked(adapter.weights, expected)
+    record = _record(adapter, bundle, spec, fingerprint, signature)
+    record["written"] = (
+        "streaming: the source's files copied, only the adapter blocks' bytes replaced"
+    )
+    with atomic_directory(spec.out, overwrite=spec.overwrite) as tmp:
+        copy_with(source, tmp, replacements)
+        _finish(tmp, adapter, record)
+    return {"merged": str(spec.out), **record}
+
+
+def _merge_loaded(spec: MergeSpec, adapter: Adapter, bundle: Bundle, signature: str) -> dict:
     model = load_model(spec.model, dtype=spec.dtype)
     fingerprint = model_fingerprint(model)
-    prompt = None
     if adapter.kind == "peft":
-        check_origin(adapter, bundle, model, fingerprint)
+        check_origin(adapter, bundle, model.config.model_type, fingerprint)
         options, delta = verify_delta(adapter, bundle)
-        if options.method == "prompt":
-            prompt = adapter
-        else:
+        if options.method != "prompt":
             model = merge_delta(model, options, bundle, delta)
     else:
         plug_adapter(model, verify_adapter(adapter, bundle, model, fingerprint))
+    record = _record(adapter, bundle, spec, fingerprint, signature)
+    record["written"] = "loaded: the model in memory, saved with save_pretrained"
+    with atomic_directory(spec.out, overwrite=spec.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        load_tokenizer(spec.model).save_pretrained(tmp)
+        _finish(tmp, adapter, record)
+    return {"merged": str(spec.out), **record}
+
+
+def _record(adapter: Adapter, bundle: Bundle, spec: MergeSpec, fingerprint: str, signature: str) -> dict:  # fmt: skip
     record = {
         "format_version": MERGE_RECORD_VERSION,
         "base_fingerprint": fingerprint,
@@ -153,18 +214,19 @@ def merge(spec: MergeSpec) -> dict:
     }
     if adapter.kind == "peft":
         record["peft"] = adapter.manifest["peft"]
+        if adapter.manifest["peft"].get("method") == "prompt":
+            record["prompt"] = (
+                f"{PROMPT_DIR}/: the soft prompt; PeftModel.from_pretrained(model, 'OUT/{PROMPT_DIR}')"
+            )
     if adapter.trained != "all":
         record["trained"] = adapter.trained
-    if prompt is not None:
-        record["prompt"] = (
-            f"{PROMPT_DIR}/: the soft prompt; PeftModel.from_pretrained(model, 'OUT/{PROMPT_DIR}')"
-        )
-    with atomic_directory(spec.out, overwrite=spec.overwrite) as tmp:
-        model.save_pretrained(tmp)
-        load_tokenizer(spec.model).save_pretrained(tmp)
-        if prompt is not None:  # a prompt is not weights: it travels beside the unchanged model
-            (tmp / PROMPT_DIR).mkdir()
-            for name in (PEFT_CONFIG, PEFT_WEIGHTS):
-                shutil.copy2(prompt.path / name, tmp / PROMPT_DIR / name)
-        (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    return {"merged": str(spec.out), **record}
+    return record
+
+
+def _finish(tmp: Path, adapter: Adapter, record: dict) -> None:
+    """The soft prompt beside the (unchanged) model, and the merge record."""
+    if "prompt" in record:  # a prompt is not weights: it travels beside the model
+        (tmp / PROMPT_DIR).mkdir()
+        for name in (PEFT_CONFIG, PEFT_WEIGHTS):
+            shutil.copy2(adapter.path / name, tmp / PROMPT_DIR / name)
+    (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2) + "\n")

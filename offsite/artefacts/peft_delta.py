@@ -31,9 +31,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from offsite.artefacts.adapter import PEFT_CONFIG, Adapter
 from offsite.artefacts.bundle import Bundle
+from offsite.artefacts.shards import load_blocks
 from offsite.artefacts.tensorcheck import TensorSpec, check_spec, dtype_name, load_checked, spec_of
 from offsite.errors import OffsiteError, VerificationError
-from offsite.models.architectures import arch_spec
+from offsite.models.architectures import arch_spec, block_prefix, get_blocks
 
 PEFT_METHODS = ("lora", "ia3", "ln", "bitfit", "prompt")
 # BitFit (the adapter blocks' biases only) has no peft tuner: it returns a block adapter of biases
@@ -226,3 +227,13 @@ def merge_delta(model: PreTrainedModel, options: PeftOptions, bundle: Bundle,
     if options.method == "prompt":
         raise OffsiteError("a soft prompt has no weights to fold in; keep it beside the model")
     return plug_delta(model, options, bundle, delta).merge_and_unload()
+
+
+def merged_blocks(root: Path, bundle: Bundle, options: PeftOptions,
+                  delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The adapter blocks of the model at `root` with a verified delta folded in, loading only them."""
+    model = merge_delta(load_blocks(root, bundle.adapter_sources), options, bundle, delta)
+    prefix = block_prefix(model.config.model_type)
+    blocks = get_blocks(model)
+    return {f"{prefix}.{i}.{n}": p.detach().contiguous() for i in bundle.adapter_sources
+            for n, p in blocks[i].named_parameters()}  # fmt: skip

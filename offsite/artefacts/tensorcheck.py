@@ -51,7 +51,7 @@ def check_spec(where: str, actual: TensorSpec, expected: TensorSpec) -> None:
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 
 
-def _check_header(path: Path) -> None:
+def check_header(path: Path) -> None:
     """Refuse a header whose declared length runs past the file or any sane size, or is not JSON."""
     try:
         with open(path, "rb") as f:
@@ -72,12 +72,12 @@ def _check_header(path: Path) -> None:
 
 def header_spec(path: Path) -> TensorSpec:
     """Dtype and shape of every tensor in a safetensors file, from its header alone."""
-    _check_header(path)
+    check_header(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return {
                 name: (
-                    _st_dtype(f.get_slice(name).get_dtype()),
+                    st_dtype(f.get_slice(name).get_dtype()),
                     tuple(f.get_slice(name).get_shape()),
                 )
                 for name in f.keys()
@@ -107,5 +107,9 @@ _ST_DTYPES = {
 }  # fmt: skip
 
 
-def _st_dtype(code: str) -> str:
+ST_CODES = {name: code for code, name in _ST_DTYPES.items()}
+
+
+def st_dtype(code: str) -> str:
+    """'bfloat16' for the safetensors dtype code 'BF16'."""
     return _ST_DTYPES.get(code, code.lower())

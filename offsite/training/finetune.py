@@ -16,6 +16,7 @@ from offsite.artefacts.adapter import (
     extract_adapter,
     only_trained,
     save_adapter,
+    spec_from_bundle,
 )
 from offsite.artefacts.bundle import Bundle, check_bundle_model
 from offsite.artefacts.peft_delta import PeftOptions, attach, delta_state, full_config
@@ -82,7 +83,11 @@ def trained_adapter(model, bundle: Bundle, peft: PeftOptions | None) -> tuple[di
     full model's names, the matching `save_adapter` keywords)."""
     if peft is None or peft.method == "bitfit":
         trained = "bias" if peft else "all"
-        return extract_adapter(model, bundle, trained), {"trained": trained}
+        dtypes = spec_from_bundle(bundle)  # trained in float32, returned in the bundle's dtype
+        state = extract_adapter(model, bundle, trained)
+        return {k: v.to(getattr(torch, dtypes[k][0])) for k, v in state.items()}, {
+            "trained": trained
+        }
     return delta_state(model, bundle), {"peft": (peft.to_json(), full_config(peft, bundle))}
 
 

@@ -1,0 +1,221 @@
+"""Safetensors models on disk, tensor by tensor, never the whole model in memory.
+
+Where each tensor lives (file and byte range, from the headers), the base fingerprint computed by
+streaming the bytes (equal to `model_fingerprint` of the loaded model), a copy of the model with a
+few tensors replaced in place (the streaming merge: every other byte is the source's), and a
+writer that assembles a safetensors file from byte ranges of other files (streaming packaging).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from offsite.artefacts.tensorcheck import ST_CODES, check_header, st_dtype
+from offsite.errors import OffsiteError
+from offsite.models.architectures import block_prefix, get_blocks
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+_CHUNK = 8 << 20
+# weight files of other formats a model directory may also hold: never copied beside ours
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".safetensors")
+
+
+class NotStreamable(OffsiteError):
+    """The files do not name the tensors as the model does (e.g. a family whose checkpoints keep
+    older names): the caller loads the model instead."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor on disk: its file, dtype name ('bfloat16'), shape and absolute byte range."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def is_sharded_dir(root: str | Path) -> bool:
+    """A directory holding safetensors weights (one file or an index of shards)."""
+    root = Path(root)
+    return root.is_dir() and ((root / INDEX).is_file() or (root / SINGLE).is_file())
+
+
+def weight_files(root: Path) -> list[Path]:
+    """The weight files in the order their index names them (or the single file)."""
+    if (root / INDEX).is_file():
+        index = json.loads((root / INDEX).read_text())
+        return [root / name for name in dict.fromkeys(index["weight_map"].values())]
+    return [root / SINGLE]
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header and the offset where its data starts."""
+    check_header(path)
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def tensor_map(root: Path) -> dict[str, Entry]:
+    """Every tensor of the model at `root`, by name."""
+    entries = {}
+    for path in weight_files(root):
+        header, base = read_header(path)
+        for name, h in header.items():
+            s, e = h["data_offsets"]
+            entries[name] = Entry(path, st_dtype(h["dtype"]), tuple(h["shape"]), base + s, base + e)
+    return entries
+
+
+def read_bytes(entry: Entry) -> Iterator[bytes]:
+    """A tensor's bytes, in chunks."""
+    with open(entry.file, "rb") as f:
+        f.seek(entry.start)
+        left = entry.end - entry.start
+        while left:
+            chunk = f.read(min(_CHUNK, left))
+            if not chunk:
+                raise OffsiteError(f"{entry.file}: ends before its header says it should")
+            left -= len(chunk)
+            yield chunk
+
+
+def load_tensor(entry: Entry) -> torch.Tensor:
+    """One tensor, read from its byte range."""
+    data = bytearray(b"".join(read_bytes(entry)))
+    flat = (
+        torch.frombuffer(data, dtype=getattr(torch, entry.dtype))
+        if data
+        else torch.empty(0, dtype=getattr(torch, entry.dtype))
+    )
+    return flat.reshape(entry.shape)
+
+
+def state_names(root: Path) -> dict[str, str]:
+    """Every state-dict name of the model at `root` -> the stored tensor that holds it (tied
+    weights are stored once and named twice). Raises if a state-dict entry is nowhere on disk."""
+    model = meta_model(root)
+    stored = tensor_map(root)
+    by_object: dict[int, list[str]] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        by_object.setdefault(id(value), []).append(name)
+    out: dict[str, str] = {}
+    for names in by_object.values():
+        held = [n for n in names if n in stored]
+        if not held:
+            raise NotStreamable(f"{root}: {names[0]} is not stored under that name")
+        out.update({n: held[0] for n in names})
+    if set(stored) - set(out.values()):
+        raise NotStreamable(f"{root}: stores tensors the model does not name")
+    return out
+
+
+def stream_fingerprint(root: Path) -> str:
+    """`model_fingerprint` of the model at `root`, read tensor by tensor from disk."""
+    stored, names = tensor_map(root), state_names(root)
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        entry = stored[names[name]]
+        digest.update(f"{name}|torch.{entry.dtype}|{entry.shape}\n".encode())
+        for chunk in read_bytes(entry):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def copy_with(root: Path, out: Path, replacements: dict[str, torch.Tensor]) -> None:
+    """Copy the model at `root` into the directory `out`, overwriting the bytes of the tensors in
+    `replacements` in place (same dtype and shape); every other byte is the source's."""
+    stored = tensor_map(root)
+    for name, value in replacements.items():
+        e = stored.get(name)
+        if (
+            e is None
+            or e.shape != tuple(value.shape)
+            or e.dtype != str(value.dtype).removeprefix("torch.")
+        ):
+            raise OffsiteError(
+                f"{root}: no stored tensor {name} of shape {list(value.shape)} and dtype {value.dtype}"
+            )
+    for path in root.iterdir():
+        if (
+            path.is_file()
+            and not path.name.endswith(_OTHER_WEIGHTS)
+            and not path.name.startswith(".")
+        ):
+            shutil.copy2(path, out / path.name)
+    for path in weight_files(root):
+        shutil.copyfile(path, out / path.name)
+    for name, value in replacements.items():
+        e = stored[name]
+        with open(out / e.file.name, "r+b") as f:
+            f.seek(e.start)
+            f.write(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def write_from_ranges(
+    path: Path, tensors: dict[str, Entry], metadata: dict[str, str] | None = None
+) -> None:
+    """Write a safetensors file holding `tensors` (new name -> where its bytes are), byte-copied."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, e in tensors.items():
+        size = e.end - e.start
+        header[name] = {
+            "dtype": ST_CODES[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for e in tensors.values():
+            for chunk in read_bytes(e):
+                f.write(chunk)
+
+
+def meta_model(root: Path, dtype: torch.dtype | None = None):
+    """The model at `root` with no weights (on the meta device), its blocks untied from disk."""
+    config = AutoConfig.from_pretrained(root)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
+    model.tie_weights()
+    return model
+
+
+def block_parameter_names(root: Path, blocks: list[int]) -> list[str]:
+    """The state-dict names of the blocks `blocks` of the model at `root`."""
+    model = meta_model(root)
+    prefix = block_prefix(model.config.model_type)
+    return [f"{prefix}.{i}.{n}" for i in blocks for n, _ in get_blocks(model)[i].named_parameters()]
+
+
+def load_blocks(root: Path, blocks: list[int]):
+    """The model at `root` with only the blocks `blocks` materialised and loaded (the rest on meta),
+    in the dtype they are stored in."""
+    stored = tensor_map(root)
+    names = block_parameter_names(root, blocks)
+    model = meta_model(root, dtype=getattr(torch, stored[names[0]].dtype))
+    prefix = block_prefix(model.config.model_type)
+    for i in blocks:
+        block = get_blocks(model)[i]
+        block.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, p in block.named_parameters():
+                p.copy_(load_tensor(stored[f"{prefix}.{i}.{name}"]))
+    return model
