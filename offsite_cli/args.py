@@ -27,14 +27,14 @@ def int_list(text: str) -> tuple[int, ...]:
 def add_dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
-        default="float32",
-        help="weights dtype to load (default float32)",
+        choices=["auto", *sorted(DTYPES)],
+        default="auto",
+        help="weights dtype (default auto: the model's own, as stored; GGUF files are dequantised to float32)",
     )
 
 
-def dtype_of(args: argparse.Namespace) -> torch.dtype:
-    return DTYPES[args.dtype]
+def dtype_of(args: argparse.Namespace) -> torch.dtype | None:
+    return DTYPES.get(args.dtype)
 
 
 def add_eval(p: argparse.ArgumentParser) -> None:

@@ -84,6 +84,9 @@ def _add_package(sub) -> None:
         help="explicit middle block indices to keep",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--stream", action="store_true",
+                   help="build the bundle tensor by tensor from the model's safetensors files (big models; "
+                   "recipes without forward passes: --selection uniform or --emulator-blocks, --layerwise-steps 0)")  # fmt: skip
     add_dtype(p)
     _add_quality(p)
     p.set_defaults(func=cmd_package)

@@ -64,6 +64,7 @@ def cmd_package(args: argparse.Namespace) -> None:
         out=Path(args.out), model=args.model, adapter_bottom=args.adapter_bottom, adapter_top=args.adapter_top,
         adapter_blocks=args.adapter_blocks, emulator_layers=args.emulator_layers, drop_ratio=args.drop_ratio,
         emulator_blocks=args.emulator_blocks, recipe=_recipe(args), dtype=dtype_of(args), overwrite=args.overwrite,
+        stream=args.stream,
     )  # fmt: skip
     bar = TrainingBar("distilling")
     try:

@@ -127,7 +127,9 @@ def main() -> None:
             elif full_ft is not None:  # same task, same batches: the ceiling is measured once
                 r.update(full_finetuned=full_ft)
                 r.update(derived(r))
-            rows.append({"kept": k, "recipe": name, "selection": a.selection, "emulator": info, **r})
+            rows.append(
+                {"kept": k, "recipe": name, "selection": a.selection, "emulator": info, **r}
+            )
             (out / "report.json").write_text(json.dumps(rows, indent=2))
     (out / "report.md").write_text(table(rows))
     plot(rows, out / "report.png")

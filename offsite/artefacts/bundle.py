@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,23 @@ def write_bundle(
     """Save `emulator` (+ tokenizer) with `manifest` (file hashes added) as a bundle, atomically."""
     if len(get_blocks(emulator)) != len(manifest["blocks"]):
         raise OffsiteError("the emulator does not have the blocks its manifest lists")
+    return write_bundle_files(
+        emulator.save_pretrained, tokenizer, manifest, out, overwrite=overwrite, signer=signer
+    )
+
+
+def write_bundle_files(
+    write: Callable[[Path], None],
+    tokenizer,
+    manifest: dict,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    signer: Signer | None = None,
+) -> Bundle:
+    """A bundle whose model files `write(tmp)` puts in place, with tokenizer and (signed) manifest."""
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        emulator.save_pretrained(tmp)
+        write(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         manifest = {**manifest, "files": hash_files(tmp, NOT_HASHED)}

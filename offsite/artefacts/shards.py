@@ -219,3 +219,32 @@ def load_blocks(root: Path, blocks: list[int]):
             for name, p in block.named_parameters():
                 p.copy_(load_tensor(stored[f"{prefix}.{i}.{name}"]))
     return model
+
+
+def write_renamed(
+    root: Path, out: Path, renames: dict[str, str], max_shard_bytes: int = 5 << 30
+) -> None:
+    """Write into the directory `out` safetensors shards holding the stored tensors of `root`
+    under new names (`renames`: new name -> stored name), byte-copied, with the standard index
+    when there is more than one shard (so plain `from_pretrained` loads them)."""
+    stored = tensor_map(root)
+    shards: list[dict[str, Entry]] = [{}]
+    size = 0
+    for new, old in renames.items():
+        e = stored[old]
+        if shards[-1] and size + (e.end - e.start) > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][new] = e
+        size += e.end - e.start
+    if len(shards) == 1:
+        write_from_ranges(out / SINGLE, shards[0], {"format": "pt"})
+        return
+    weight_map = {}
+    for n, shard in enumerate(shards, 1):
+        name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        write_from_ranges(out / name, shard, {"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(e.end - e.start for shard in shards for e in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

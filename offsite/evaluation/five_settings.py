@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -79,7 +80,7 @@ class Scoreboard:
     def full_finetune(self, full: PreTrainedModel, train_data: TokenData, cfg: TrainConfig, on_step=None) -> None:  # fmt: skip
         """The ceiling: a copy of the full model fine-tuned on the same batches, then scored."""
         self.phase("full-model fine-tuning")
-        tuned = copy.deepcopy(full)
+        tuned = copy.deepcopy(full).float()  # float32 master weights, whatever the model's dtype
         tuned.requires_grad_(True)
         summary = train(tuned, train_data, cfg, pad_id=pad_id_of(self.tokenizer), on_step=on_step)
         self.r["curves"]["full_finetune"] = [h["loss"] for h in summary["history"]]
@@ -119,7 +120,7 @@ def evaluate_offsite(
         bundle = package_emulator(
             full, tokenizer, plan, Path(tmp) / "bundle", base_name="eval", emulator=emulator
         )
-        student = bundle.load_model()
+        student = bundle.load_model(dtype=torch.float32)
     peft = peft.resolved(full.config.model_type) if peft is not None else None
     student, _ = make_trainable(student, bundle, peft)
     board.phase("fine-tuning the adapter through the emulator")

@@ -83,11 +83,7 @@ def trained_adapter(model, bundle: Bundle, peft: PeftOptions | None) -> tuple[di
     full model's names, the matching `save_adapter` keywords)."""
     if peft is None or peft.method == "bitfit":
         trained = "bias" if peft else "all"
-        dtypes = spec_from_bundle(bundle)  # trained in float32, returned in the bundle's dtype
-        state = extract_adapter(model, bundle, trained)
-        return {k: v.to(getattr(torch, dtypes[k][0])) for k, v in state.items()}, {
-            "trained": trained
-        }
+        return extract_adapter(model, bundle, trained), {"trained": trained}
     return delta_state(model, bundle), {"peft": (peft.to_json(), full_config(peft, bundle))}
 
 
@@ -127,6 +123,11 @@ def finetune_bundle(
         trainable_parameters=n_trainable, block_size=job.block_size, data_file=job.data.name
     )
     state, kind = trained_adapter(acc.unwrap_model(model), bundle, options)
+    if (
+        "peft" not in kind
+    ):  # trained in float32, returned in the bundle's dtype (a delta stays float32)
+        dtypes = spec_from_bundle(bundle)
+        state = {k: v.to(getattr(torch, dtypes[k][0])) for k, v in state.items()}
     adapter = save_adapter(
         state, bundle, job.out, training=summary, overwrite=job.overwrite, signer=signer, **kind
     )

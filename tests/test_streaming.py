@@ -1,0 +1,103 @@
+"""Big-model paths on tiny sharded models: packaging and merging tensor by tensor, dtypes kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import expect_error
+from tiny import CORPUS, DEPTH, tiny_model
+from transformers import AutoModelForCausalLM
+
+from offsite.artefacts.bundle import MANIFEST_NAME
+from offsite.artefacts.merge import MergeSpec, merge
+from offsite.artefacts.shards import INDEX, tensor_map
+from offsite.emulator.layerwise import LayerwiseConfig  # noqa: F401  (the default recipe uses it)
+from offsite.emulator.package import PackageSpec, package
+from offsite.emulator.recipe import EmulatorRecipe
+from offsite.training.finetune import FinetuneJob, finetune_bundle
+from offsite.training.loop import TrainConfig
+from owner.cli import main as owner
+
+FORWARD_FREE = EmulatorRecipe(selection="uniform", layerwise=None)
+
+
+def _save(family, dtype, path, tokenizer):
+    tiny_model(family).to(dtype).save_pretrained(path, max_shard_size="60KB")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma2", "phi3", "bloom"])
+def test_streaming_package_equals_the_in_memory_one(family, dtype, tokenizer, tmp_path):
+    source = _save(family, dtype, tmp_path / "full", tokenizer)
+    bundles = {}
+    for stream in (False, True):
+        spec = PackageSpec(out=tmp_path / f"b{int(stream)}", model=str(source), emulator_layers=2,
+                           recipe=FORWARD_FREE, stream=stream)  # fmt: skip
+        bundles[stream] = package(spec)
+    loaded = {s: AutoModelForCausalLM.from_pretrained(b.path) for s, b in bundles.items()}
+    assert loaded[True].dtype == dtype == loaded[False].dtype
+    a, b = loaded[False].state_dict(), loaded[True].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    configs = [
+        {k: v for k, v in loaded[s].config.to_dict().items() if k != "_name_or_path"}
+        for s in (False, True)
+    ]
+    assert configs[0] == configs[1]
+    ma, mb = (json.loads((bundles[s].path / MANIFEST_NAME).read_text()) for s in (False, True))
+    for key in ("base_model", "blocks", "emulator"):
+        assert ma[key] == mb[key], key
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded[True](ids).logits, loaded[False](ids).logits)
+
+
+def test_streamed_bundle_is_sharded_trains_and_merges_back(tokenizer, tmp_path, monkeypatch):
+    import offsite.artefacts.shards as shards
+
+    source = _save("llama", torch.bfloat16, tmp_path / "full", tokenizer)
+    real = shards.write_renamed
+    monkeypatch.setattr(
+        shards, "write_renamed", lambda root, out, renames: real(root, out, renames, 20_000)
+    )
+    monkeypatch.setattr("offsite.emulator.package.write_renamed", shards.write_renamed)
+    bundle = package(PackageSpec(out=tmp_path / "b", model=str(source), emulator_layers=2, recipe=FORWARD_FREE,
+                                 stream=True))  # fmt: skip
+    assert (bundle.path / INDEX).is_file() and len(
+        {e.file for e in tensor_map(bundle.path).values()}
+    ) > 1
+    (tmp_path / "d.txt").write_text(CORPUS)
+    job = FinetuneJob(tmp_path / "d.txt", tmp_path / "a", block_size=16, val_fraction=0.0)
+    finetune_bundle(bundle, job, TrainConfig(max_steps=2, batch_size=2, learning_rate=1e-2))
+    record = merge(
+        MergeSpec(
+            tmp_path / "a", tmp_path / "b", tmp_path / "m", model=str(source), allow_unsigned=True
+        )
+    )
+    assert record["written"].startswith("streaming")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert merged.dtype == torch.bfloat16 and len(merged.model.layers) == DEPTH
+
+
+def test_stream_refuses_recipes_that_need_the_whole_model(tokenizer, tmp_path, capsys):
+    source = _save("llama", torch.float32, tmp_path / "full", tokenizer)
+    base = [
+        "package-emulator",
+        "--model",
+        str(source),
+        "--out",
+        str(tmp_path / "b"),
+        "--emulator-layers",
+        "2",
+        "--stream",
+    ]
+    expect_error(capsys, owner, base, "--selection redundancy runs the full model", tmp_path / "b")
+    expect_error(
+        capsys, owner, [*base, "--selection", "uniform"], "layer-wise fitting", tmp_path / "b"
+    )
+    expect_error(capsys, owner, [*base, "--selection", "uniform", "--layerwise-steps", "0", "--dtype", "float16"],
+                 "--dtype converts", tmp_path / "b")  # fmt: skip
+    assert owner([*base, "--selection", "uniform", "--layerwise-steps", "0"]) == 0
