@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from offsite.artefacts.shards import (
     stream_fingerprint,
     tensor_map,
 )
-from offsite.artefacts.tensorcheck import check_spec, load_checked
+from offsite.artefacts.tensorcheck import CheckedTensors, check_spec, load_checked
 from offsite.atomic import atomic_directory, check_apart, check_output_dir
 from offsite.errors import OffsiteError, VerificationError
 from offsite.models.architectures import block_prefix
@@ -154,7 +155,7 @@ def merge(spec: MergeSpec) -> dict:
 def _merge_streaming(spec: MergeSpec, adapter: Adapter, bundle: Bundle, source: Path, signature: str) -> dict:  # fmt: skip
     fingerprint = stream_fingerprint(source)
     check_origin(adapter, bundle, AutoConfig.from_pretrained(source).model_type, fingerprint)
-    replacements: dict[str, torch.Tensor] = {}
+    replacements: Mapping[str, torch.Tensor] = {}
     if adapter.kind == "peft":
         options, delta = verify_delta(adapter, bundle)
         if options.method != "prompt":
@@ -166,7 +167,7 @@ def _merge_streaming(spec: MergeSpec, adapter: Adapter, bundle: Bundle, source: 
             {n: (stored[n].dtype, stored[n].shape) for n in names}, adapter.trained
         )
         check_spec(str(adapter.path / ADAPTER_MANIFEST), adapter.spec, expected)
-        replacements = load_checked(adapter.weights, expected)
+        replacements = CheckedTensors(adapter.weights, expected)  # read one at a time
     record = _record(adapter, bundle, spec, fingerprint, signature)
     record["written"] = (
         "streaming: the source's files copied, only the adapter blocks' bytes replaced"

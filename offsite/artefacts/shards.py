@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,20 +135,11 @@ def stream_fingerprint(root: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def copy_with(root: Path, out: Path, replacements: dict[str, torch.Tensor]) -> None:
+def copy_with(root: Path, out: Path, replacements: Mapping[str, torch.Tensor]) -> None:
     """Copy the model at `root` into the directory `out`, overwriting the bytes of the tensors in
-    `replacements` in place (same dtype and shape); every other byte is the source's."""
+    `replacements` in place (same dtype and shape); every other byte is the source's. Each
+    replacement is asked for once, written, and let go (a lazy mapping keeps memory to one)."""
     stored = tensor_map(root)
-    for name, value in replacements.items():
-        e = stored.get(name)
-        if (
-            e is None
-            or e.shape != tuple(value.shape)
-            or e.dtype != str(value.dtype).removeprefix("torch.")
-        ):
-            raise OffsiteError(
-                f"{root}: no stored tensor {name} of shape {list(value.shape)} and dtype {value.dtype}"
-            )
     for path in root.iterdir():
         if (
             path.is_file()
@@ -158,8 +149,16 @@ def copy_with(root: Path, out: Path, replacements: dict[str, torch.Tensor]) -> N
             shutil.copy2(path, out / path.name)
     for path in weight_files(root):
         shutil.copyfile(path, out / path.name)
-    for name, value in replacements.items():
-        e = stored[name]
+    for name in replacements:
+        value, e = replacements[name], stored.get(name)
+        if (
+            e is None
+            or e.shape != tuple(value.shape)
+            or e.dtype != str(value.dtype).removeprefix("torch.")
+        ):
+            raise OffsiteError(
+                f"{root}: no stored tensor {name} of shape {list(value.shape)} and dtype {value.dtype}"
+            )
         with open(out / e.file.name, "r+b") as f:
             f.seek(e.start)
             f.write(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -86,19 +87,36 @@ def header_spec(path: Path) -> TensorSpec:
         raise VerificationError(f"{path}: not a valid safetensors file ({e})") from None
 
 
+class CheckedTensors(Mapping):
+    """The tensors of a safetensors file whose header matched `expected`, each read (and checked
+    finite) only when asked for: a large adapter need not be in memory all at once."""
+
+    def __init__(self, path: str | os.PathLike, expected: TensorSpec) -> None:
+        self.path, self.names = Path(path), list(expected)
+        check_spec(str(self.path), header_spec(self.path), expected)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                t = f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise VerificationError(f"{self.path}: not a valid safetensors file ({e})") from None
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise VerificationError(f"{self.path}: tensor {name} contains NaN or Inf values")
+        return t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def load_checked(path: str | os.PathLike, expected: TensorSpec) -> dict[str, torch.Tensor]:
     """Load a safetensors file after checking its header against `expected`, then check values are finite."""
-    path = Path(path)
-    check_spec(str(path), header_spec(path), expected)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {name: f.get_tensor(name) for name in expected}
-    except (SafetensorError, OSError) as e:
-        raise VerificationError(f"{path}: not a valid safetensors file ({e})") from None
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise VerificationError(f"{path}: tensor {name} contains NaN or Inf values")
-    return tensors
+    return dict(CheckedTensors(path, expected).items())
 
 
 _ST_DTYPES = {
