@@ -17,6 +17,7 @@ import json
 import multiprocessing as mp
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,7 +65,17 @@ def make_model(root: Path, args: argparse.Namespace) -> int:
 
 
 def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak RSS. Not getrusage's ru_maxrss: that survives fork + exec, so a spawned
+    process would report its parent's peak; /proc's VmHWM starts afresh with the new program."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
+        2**20 if sys.platform == "darwin" else 1024
+    )
 
 
 def _step(name: str, work: str, queue) -> None:

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from offsite.artefacts.shards import (
     block_parameter_names,
     copy_with,
     is_sharded_dir,
+    state_names,
     stream_fingerprint,
     tensor_map,
 )
@@ -153,8 +155,16 @@ def merge(spec: MergeSpec) -> dict:
 
 
 def _merge_streaming(spec: MergeSpec, adapter: Adapter, bundle: Bundle, source: Path, signature: str) -> dict:  # fmt: skip
-    fingerprint = stream_fingerprint(source)
-    check_origin(adapter, bundle, AutoConfig.from_pretrained(source).model_type, fingerprint)
+    state_names(source)  # NotStreamable now, before any work, if the files name tensors otherwise
+    model_type = AutoConfig.from_pretrained(source).model_type
+    check_origin(adapter, bundle, model_type, bundle.base_fingerprint)  # ids and blocks, at once
+    with ThreadPoolExecutor(1) as pool:  # the model's fingerprint is hashed while the files copy
+        hashing = pool.submit(stream_fingerprint, source)
+        return _write_streaming(spec, adapter, bundle, source, signature, hashing, model_type)
+
+
+def _write_streaming(spec: MergeSpec, adapter: Adapter, bundle: Bundle, source: Path, signature: str,
+                     hashing: Future, model_type: str) -> dict:  # fmt: skip
     replacements: Mapping[str, torch.Tensor] = {}
     if adapter.kind == "peft":
         options, delta = verify_delta(adapter, bundle)
@@ -168,12 +178,14 @@ def _merge_streaming(spec: MergeSpec, adapter: Adapter, bundle: Bundle, source: 
         )
         check_spec(str(adapter.path / ADAPTER_MANIFEST), adapter.spec, expected)
         replacements = CheckedTensors(adapter.weights, expected)  # read one at a time
-    record = _record(adapter, bundle, spec, fingerprint, signature)
-    record["written"] = (
-        "streaming: the source's files copied, only the adapter blocks' bytes replaced"
-    )
     with atomic_directory(spec.out, overwrite=spec.overwrite) as tmp:
         copy_with(source, tmp, replacements)
+        fingerprint = hashing.result()
+        check_origin(adapter, bundle, model_type, fingerprint)  # else the copy is removed
+        record = _record(adapter, bundle, spec, fingerprint, signature)
+        record["written"] = (
+            "streaming: the source's files copied, only the adapter blocks' bytes replaced"
+        )
         _finish(tmp, adapter, record)
     return {"merged": str(spec.out), **record}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from offsite.artefacts.bundle import (
 from offsite.artefacts.shards import (
     is_sharded_dir,
     meta_model,
+    state_names,
     stream_fingerprint,
     tensor_map,
     write_renamed,
@@ -175,7 +177,7 @@ def package_streaming(
     model = meta_model(source)
     plan = _plan(spec, num_blocks(model.config))
     check_plan_fits(model, plan)
-    fingerprint = stream_fingerprint(source)
+    state_names(source)  # NotStreamable now if the files name tensors otherwise than the model
     prefix = block_prefix(model.config.model_type)
     position = {src: i for i, src in enumerate(plan.emulator_order)}
     renames = {}
@@ -189,15 +191,23 @@ def package_streaming(
     record = {"selection": {"strategy": plan.strategy, "kept": list(plan.kept)}, "transfer_score": None,
               "streamed": "built tensor by tensor; the transfer score needs forward passes and was not measured"}  # fmt: skip
     manifest = bundle_manifest(
-        model, plan, spec.model, fingerprint, {"emulator_recipe": record, **(extra or {})}
+        model, plan, spec.model, "", {"emulator_recipe": record, **(extra or {})}
     )
     tokenizer = load_tokenizer(spec.model)
 
     def write(tmp: Path) -> None:
-        model.config.save_pretrained(tmp)
-        if model.generation_config is not None and (source / "generation_config.json").is_file():
-            model.generation_config.save_pretrained(tmp)
-        write_renamed(source, tmp, dict(sorted(renames.items())))
+        with ThreadPoolExecutor(1) as pool:  # the full model is hashed while the kept tensors copy
+            hashing = pool.submit(stream_fingerprint, source)
+            model.config.save_pretrained(tmp)
+            if (
+                model.generation_config is not None
+                and (source / "generation_config.json").is_file()
+            ):
+                model.generation_config.save_pretrained(tmp)
+            write_renamed(source, tmp, dict(sorted(renames.items())))
+            manifest["base_model"]["fingerprint"] = (
+                hashing.result()
+            )  # before the manifest is written
 
     return write_bundle_files(
         write, tokenizer, manifest, spec.out, overwrite=spec.overwrite, signer=signer
