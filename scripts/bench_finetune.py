@@ -35,7 +35,9 @@ from offsite.training.finetune import freeze_except_adapter
 from offsite.training.loop import TrainConfig, train
 
 SAMPLE = "data/samples/shakespeare-train.txt"
-CONFIGS = [(s, p) for s in ("full", "offsite", "offsite_lora") for p in ("no", "bf16")]
+CONFIGS = [
+    (s, p) for s in ("full", "offsite", "offsite_lora", "offsite_lora_ckpt") for p in ("no", "bf16")
+]
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -87,7 +89,7 @@ def _run(setting: str, precision: str, args: argparse.Namespace, bundle_dir: str
     if setting.startswith("offsite"):  # exactly what the data owner loads: the bundle
         bundle = open_bundle(bundle_dir)
         model = bundle.load_model(dtype=torch.float32)
-        if setting == "offsite_lora":
+        if setting.startswith("offsite_lora"):
             model = attach(
                 model, PeftOptions("lora", rank=args.lora_rank), bundle.adapter_positions
             )
@@ -98,8 +100,8 @@ def _run(setting: str, precision: str, args: argparse.Namespace, bundle_dir: str
         model.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     data = load_data(args.data, tokenizer, args.block_size)
-    cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=1e-5,
-                      save_every=0, mixed_precision=precision)  # fmt: skip
+    cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=1e-5, save_every=0,
+                      mixed_precision=precision, gradient_checkpointing=setting.endswith("_ckpt"))  # fmt: skip
     times: list[float] = []
     summary = train(model, data, cfg, pad_id=pad_id_of(tokenizer),
                     on_step=lambda info: times.append(time.perf_counter()))  # fmt: skip
@@ -126,16 +128,20 @@ def _summary(rows: dict[tuple[str, str], dict], flops: dict) -> dict:
     """The figures the targets are stated in."""
     out: dict = {"summary": True}
     for p in ("no", "bf16"):
-        full, off, lora = rows["full", p], rows["offsite", p], rows["offsite_lora", p]
+        full, off, lora, ckpt = (
+            rows[s, p] for s in ("full", "offsite", "offsite_lora", "offsite_lora_ckpt")
+        )
         predicted = flops["full"]["total"] / flops["offsite_lora"]["total"]
         speed = lora["tokens_per_s"] / full["tokens_per_s"]
         out[p] = {"lora_speed_ratio": round(speed, 3), "lora_flop_predicted_ratio": round(predicted, 3),
                   "lora_speed_vs_predicted": round(speed / predicted, 3),
                   "lora_memory_ratio": round(lora["peak_mib"] / full["peak_mib"], 3),
                   "lora_memory_ratio_above_baseline": round(lora["above_baseline_mib"] / full["above_baseline_mib"], 3),
+                  "lora_checkpointing_memory_ratio": round(ckpt["peak_mib"] / full["peak_mib"], 3),
+                  "lora_checkpointing_speed_ratio": round(ckpt["tokens_per_s"] / full["tokens_per_s"], 3),
                   "blocks_memory_ratio": round(off["peak_mib"] / full["peak_mib"], 3),
                   "blocks_memory_ratio_above_baseline": round(off["above_baseline_mib"] / full["above_baseline_mib"], 3)}  # fmt: skip
-    for s in ("full", "offsite", "offsite_lora"):
+    for s in ("full", "offsite", "offsite_lora", "offsite_lora_ckpt"):
         fp32, bf16 = rows[s, "no"], rows[s, "bf16"]
         gap = max(abs(a - b) / a for a, b in zip(fp32["losses"], bf16["losses"], strict=True))
         out[f"{s}_bf16_speedup"] = round(bf16["tokens_per_s"] / fp32["tokens_per_s"], 3)
@@ -168,10 +174,12 @@ def main() -> None:
                                      seq_len=args.block_size, lora_rank=args.lora_rank)  # fmt: skip
     peaks = {p: matmul_peak(shapes, DTYPES[p]) for p in DTYPES}
     for (setting, precision), row in rows.items():
-        step_flops = flops[setting]["total"] * tokens / row["step_s"]
+        step_flops = (
+            flops[setting.removesuffix("_ckpt")]["total"] * tokens / row["step_s"]
+        )  # recompute not counted
         print(json.dumps({"model": args.model, **{k: v for k, v in row.items() if k != "losses"},
                           "tokens_per_step": tokens, "steps_timed": args.steps - args.warmup,
-                          "flops_per_token": flops[setting], "step_gflops": round(step_flops / 1e9, 1),
+                          "flops_per_token": flops[setting.removesuffix("_ckpt")], "step_gflops": round(step_flops / 1e9, 1),
                           "matmul_peak_gflops": round(peaks[precision] / 1e9, 1),
                           "vs_peak": round(step_flops / peaks[precision], 3), "losses": row["losses"],
                           "memory_kind": "cuda max_memory_allocated" if torch.cuda.is_available() else "process peak RSS"}))  # fmt: skip

@@ -54,7 +54,7 @@ class TrainConfig:
     save_every: int = 50
     eval_every: int = 0
     # the loss over this many positions at a time (0: the model's own loss, full logits at once)
-    loss_chunk_tokens: int = 1024
+    loss_chunk_tokens: int = 256  # SmolLM2, 4x256 tokens: peak RSS 1.96 GB against 2.46 at 1024
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass
 
     def __post_init__(self) -> None:
