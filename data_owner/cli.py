@@ -16,7 +16,7 @@ from offsite.artefacts.signing import Signer, load_private
 from offsite.errors import OffsiteError
 from offsite.exchange.credentials import Credentials, load_credentials
 from offsite.training.finetune import FinetuneJob, finetune_bundle
-from offsite_cli.args import add_eval, add_peft, add_training, peft_options, train_config
+from offsite_cli.args import add_dp, add_eval, add_peft, add_training, peft_options, train_config
 from offsite_cli.progress import TrainingBar, perplexity_with_bar
 from offsite_cli.runner import make_parser, print_json, run, subparsers
 
@@ -119,7 +119,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         return  # not the main process
     t = adapter.manifest["training"]
     result = {"adapter": str(adapter.path), "bundle_id": bundle.bundle_id, "steps": t["steps"],
-              "final_loss": t["final_loss"], "val_perplexity": t["val_perplexity"]}  # fmt: skip
+              "final_loss": t["final_loss"], "val_perplexity": t["val_perplexity"],
+              "differential_privacy": t.get("differential_privacy")}  # fmt: skip
     if args.server:
         from offsite.transport.client import submit
 
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="adapter directory to create")
     add_training(p)
     add_peft(p)
+    add_dp(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("fetch", help="download a bundle issued to you (resumable) and verify it")

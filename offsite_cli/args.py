@@ -10,6 +10,7 @@ from offsite.artefacts.peft_delta import PEFT_METHODS, PeftOptions
 from offsite.errors import OffsiteError
 from offsite.training.finetune import ADAPTER_LEARNING_RATE, FinetuneJob
 from offsite.training.loop import PRECISIONS, SCHEDULES, TrainConfig
+from offsite.training.privacy import ACCOUNTANTS, DEFAULT_DELTA, DPConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -133,6 +134,31 @@ def add_peft(p: argparse.ArgumentParser) -> None:
                    help=f"soft-prompt length for --peft prompt (default {d.virtual_tokens})")  # fmt: skip
 
 
+def add_dp(p: argparse.ArgumentParser) -> None:
+    """DP-SGD for the data owner (opacus): the guarantee the returned adapter is trained under."""
+    g = p.add_argument_group(
+        "differential privacy (DP-SGD; --max-grad-norm is the per-sample clip norm)"
+    )
+    g.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=None,
+        help="train under (epsilon, delta)-DP over the whole run",
+    )
+    g.add_argument(
+        "--dp-delta",
+        type=float,
+        default=None,
+        help="delta (default 1e-5; pick one below 1/(number of training examples))",
+    )
+    g.add_argument(
+        "--dp-accountant",
+        choices=ACCOUNTANTS,
+        default="rdp",
+        help="privacy accountant (default rdp)",
+    )
+
+
 def peft_options(args: argparse.Namespace) -> PeftOptions | None:
     """The PeftOptions the PEFT arguments describe, or None without --peft (validated)."""
     if args.peft is None:
@@ -188,6 +214,17 @@ def _add_run(g, d: TrainConfig) -> None:
     g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
+def _dp(args: argparse.Namespace) -> DPConfig | None:
+    if getattr(args, "dp_epsilon", None) is None:
+        if getattr(args, "dp_delta", None) is not None:
+            raise OffsiteError("--dp-delta needs --dp-epsilon")
+        return None
+    delta = args.dp_delta if args.dp_delta is not None else DEFAULT_DELTA
+    return DPConfig(
+        args.dp_epsilon, delta, max_grad_norm=args.max_grad_norm, accountant=args.dp_accountant
+    )
+
+
 def train_config(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig the training options describe (validated)."""
     try:
@@ -197,7 +234,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
             batch_size=args.batch_size, grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm,
             seed=args.seed, mixed_precision=args.mixed_precision, save_every=args.save_every,
             eval_every=args.eval_every, loss_chunk_tokens=args.loss_chunk_tokens,
-            gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing=args.gradient_checkpointing, dp=_dp(args),
         )  # fmt: skip
     except TypeError as e:  # pragma: no cover - a programming error, not user input
         raise OffsiteError(str(e)) from None

@@ -233,6 +233,9 @@ def _record(adapter: Adapter, bundle: Bundle, spec: MergeSpec, fingerprint: str,
             )
     if adapter.trained != "all":
         record["trained"] = adapter.trained
+    dp = (adapter.manifest.get("training") or {}).get("differential_privacy")
+    if dp:  # the guarantee the data owner signed that it trained under
+        record["differential_privacy"] = dp
     return record
 
 
