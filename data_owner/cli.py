@@ -129,6 +129,33 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     print_json(result)
 
 
+def cmd_join(args: argparse.Namespace) -> None:
+    """Federated rounds: fetch each round's bundle, fine-tune, submit, until --rounds are done."""
+    from offsite.transport.client import join
+
+    cfg = train_config(args)
+    if not args.credentials:
+        raise OffsiteError(
+            "join needs --credentials (the adapters it submits are signed with them)"
+        )
+    creds = load_credentials(args.credentials)
+    signer = Signer(creds.name, load_private(creds.signing_key.encode(), args.credentials))
+
+    def train(bundle: Bundle, out: Path) -> Path:
+        creds.check_bundle(bundle)  # signed by the owner we enrolled with, issued to us
+        job = FinetuneJob(data=Path(args.data), out=out, block_size=args.block_size,
+                          val_fraction=args.val_fraction, overwrite=True)  # fmt: skip
+        bar = TrainingBar(f"round {out.name}")
+        try:
+            return finetune_bundle(bundle, job, cfg, on_step=bar, signer=signer).path
+        finally:
+            bar.close()
+
+    with _owner(args) as owner:
+        done = join(owner, args.rounds, Path(args.work), train, poll_s=args.poll, wait_s=args.wait)
+    print_json(done)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     creds = load_credentials(args.credentials) if args.credentials else None
     bundle = _verified_bundle(Path(args.bundle), creds)
@@ -183,6 +210,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_peft(p)
     add_dp(p)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser(
+        "join", help="take part in the owner's federated rounds (fetch, fine-tune, submit, repeat)"
+    )
+    _add_server(p, required=True)
+    p.add_argument("--rounds", type=int, required=True, help="how many rounds to take part in")
+    p.add_argument("--data", required=True, help="your local training data (.txt or .jsonl)")
+    p.add_argument(
+        "--work", required=True, help="folder for each round's bundle and adapter (and progress)"
+    )
+    p.add_argument(
+        "--poll",
+        type=float,
+        default=10.0,
+        help="seconds between looks for the next bundle (default 10)",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=3600.0,
+        help="give up after this long without a new bundle (default 3600)",
+    )
+    add_training(p)
+    add_dp(p)
+    p.set_defaults(func=cmd_join)
 
     p = sub.add_parser("fetch", help="download a bundle issued to you (resumable) and verify it")
     _add_server(p, required=True)

@@ -20,6 +20,7 @@ from owner.commands import (
     cmd_enroll,
     cmd_evaluate,
     cmd_evaluate_offsite,
+    cmd_federate,
     cmd_init,
     cmd_merge,
     cmd_package,
@@ -236,6 +237,36 @@ def _add_exchange(sub) -> None:
     p = sub.add_parser("adapters", help="adapters received: from whom, verified or rejected, why")
     p.add_argument("--home", required=True)
     p.set_defaults(func=cmd_adapters)
+    p = sub.add_parser(
+        "federate",
+        help="FedAvg rounds over several enrolled data owners (run beside `owner serve`)",
+    )
+    p.add_argument("--home", required=True)
+    p.add_argument(
+        "--name", required=True, help="the federation's name (run again with it to resume)"
+    )
+    p.add_argument(
+        "--bundle", required=True, help="the packaged emulator bundle every round starts from"
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the full model the bundle was made from")
+    p.add_argument("--members", type=lambda t: tuple(x for x in t.split(",") if x), required=True,
+                   help="enrolled data owners, comma-separated")  # fmt: skip
+    p.add_argument("--rounds", type=int, required=True)
+    p.add_argument(
+        "--quorum",
+        type=int,
+        default=0,
+        help="close a round once this many adapters arrived (default: all)",
+    )
+    p.add_argument("--deadline", type=float, default=3600.0,
+                   help="close a round after this many seconds with whatever arrived (default 3600)")  # fmt: skip
+    p.add_argument(
+        "--poll", type=float, default=5.0, help="seconds between looks at the registry (default 5)"
+    )
+    p.add_argument(
+        "--once", action="store_true", help="advance once and report, instead of running to the end"
+    )
+    p.set_defaults(func=cmd_federate)
 
 
 def build_parser() -> argparse.ArgumentParser:

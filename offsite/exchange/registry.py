@@ -33,6 +33,12 @@ CREATE TABLE IF NOT EXISTS uploads (
 CREATE TABLE IF NOT EXISTS adapters (
     adapter_id TEXT PRIMARY KEY, upload_id TEXT NOT NULL, data_owner TEXT NOT NULL, bundle_id TEXT NOT NULL,
     path TEXT NOT NULL, status TEXT NOT NULL, reason TEXT NOT NULL, received_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS federations (
+    name TEXT PRIMARY KEY, spec TEXT NOT NULL, round INTEGER NOT NULL, round_started REAL NOT NULL,
+    state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS federation_members (
+    federation TEXT NOT NULL, round INTEGER NOT NULL, data_owner TEXT NOT NULL, bundle_id TEXT NOT NULL,
+    status TEXT NOT NULL, adapter_id TEXT, tokens INTEGER, PRIMARY KEY (federation, round, data_owner));
 """
 
 
@@ -141,7 +147,7 @@ class Registry:
 
     def bundles_for(self, data_owner: str) -> list[dict[str, Any]]:
         rows = self._all(
-            "SELECT * FROM bundles WHERE data_owner=? ORDER BY issued_at", (data_owner,)
+            "SELECT * FROM bundles WHERE data_owner=? ORDER BY issued_at, rowid", (data_owner,)
         )
         return [{**dict(r), "files": json.loads(r["files"])} for r in rows]
 
@@ -197,3 +203,35 @@ class Registry:
 
     def adapters(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._all("SELECT * FROM adapters ORDER BY received_at")]
+
+    # federations (rounds over several data owners; additive tables, created on open)
+    def add_federation(self, name: str, spec: dict, started: float) -> None:
+        self._run(
+            "INSERT INTO federations VALUES (?, ?, 0, ?, 'running')",
+            (name, json.dumps(spec), started),
+        )
+
+    def federation(self, name: str) -> dict[str, Any] | None:
+        row = self._one("SELECT * FROM federations WHERE name=?", (name,))
+        return {**dict(row), "spec": json.loads(row["spec"])} if row else None
+
+    def set_federation(self, name: str, round_: int, started: float, state: str) -> None:
+        self._run("UPDATE federations SET round=?, round_started=?, state=? WHERE name=?",
+                  (round_, started, state, name))  # fmt: skip
+
+    def add_member_round(
+        self, federation: str, round_: int, data_owner: str, bundle_id: str
+    ) -> None:
+        self._run("INSERT OR IGNORE INTO federation_members VALUES (?, ?, ?, ?, 'issued', NULL, NULL)",
+                  (federation, round_, data_owner, bundle_id))  # fmt: skip
+
+    def member_rounds(self, federation: str, round_: int) -> list[dict[str, Any]]:
+        rows = self._all("SELECT * FROM federation_members WHERE federation=? AND round=? ORDER BY data_owner",
+                         (federation, round_))  # fmt: skip
+        return [dict(r) for r in rows]
+
+    def set_member_round(self, federation: str, round_: int, data_owner: str, status: str,
+                         adapter_id: str | None = None, tokens: int | None = None) -> None:  # fmt: skip
+        self._run("UPDATE federation_members SET status=?, adapter_id=?, tokens=? "
+                  "WHERE federation=? AND round=? AND data_owner=?",
+                  (status, adapter_id, tokens, federation, round_, data_owner))  # fmt: skip

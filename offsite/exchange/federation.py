@@ -1,0 +1,205 @@
+"""Several data owners: FedAvg rounds over the exchange (owner side; no networking here).
+
+Each round the owner issues every member a signed bundle carrying the current adapter (round 0:
+the base bundle's own), the members fetch, fine-tune and submit through the server as usual, and
+`advance` counts the verified adapters trained from *this round's* bundles, closes the round at
+a quorum or after a deadline (members that did not submit are recorded as stragglers), and
+averages the adapters weighted by the tokens each member signed that it trained on. All state is
+in the owner home's registry, so a restarted owner resumes the round it was in.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from offsite.artefacts.adapter import Adapter, open_adapter, save_adapter, verify_adapter_for_bundle
+from offsite.artefacts.bundle import Bundle, open_bundle, write_bundle_files
+from offsite.artefacts.shards import copy_with
+from offsite.artefacts.signing import Signer
+from offsite.errors import OffsiteError
+from offsite.exchange.home import OwnerHome, active_data_owner, check_name, register_bundle
+
+AGGREGATE = "aggregate"
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    """Who takes part, for how many rounds, and when a round closes."""
+
+    name: str
+    base_bundle: Path
+    model: str
+    members: tuple[str, ...]
+    rounds: int
+    quorum: int = 0  # 0: every member
+    deadline_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        if not self.members or len(set(self.members)) != len(self.members):
+            raise OffsiteError("--members: name each enrolled data owner once")
+        if self.rounds < 1 or not 0 <= self.quorum <= len(self.members) or self.deadline_s <= 0:
+            raise OffsiteError(
+                "--rounds must be >= 1, --quorum between 1 and the number of members, --deadline > 0"
+            )
+
+    @property
+    def needed(self) -> int:
+        return self.quorum or len(self.members)
+
+
+def fedavg(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
+    """The weighted mean of adapter states with the same keys (float32 sums, each tensor's dtype kept)."""
+    if not states or len(states) != len(weights) or min(weights) <= 0:
+        raise OffsiteError("FedAvg needs one positive weight per adapter")
+    total = float(sum(weights))
+    return {k: sum(s[k].float() * (w / total) for s, w in zip(states, weights, strict=True)).to(states[0][k].dtype)
+            for k in states[0]}  # fmt: skip
+
+
+def round_dir(home: OwnerHome, name: str, round_: int) -> Path:
+    return home.root / "federations" / name / f"round-{round_}"
+
+
+def start(home: OwnerHome, spec: FederationSpec) -> None:
+    """Record a new federation (or find the same one again, to resume it)."""
+    for member in spec.members:
+        active_data_owner(home, member)
+    open_bundle(spec.base_bundle)
+    data = {
+        **asdict(spec),
+        "base_bundle": str(Path(spec.base_bundle).resolve()),
+        "members": list(spec.members),
+    }
+    with home.registry() as registry:
+        existing = registry.federation(spec.name)
+        if existing is None:
+            registry.add_federation(spec.name, data, time.time())
+        elif existing["spec"] != data:
+            raise OffsiteError(
+                f"federation {spec.name!r} exists with other settings; choose another --name"
+            )
+
+
+def advance(home: OwnerHome, name: str, now: float | None = None) -> dict:
+    """Do what the federation's state calls for now; returns where it stands."""
+    now = time.time() if now is None else now
+    with home.registry() as registry:
+        fed = registry.federation(name)
+    if fed is None:
+        raise OffsiteError(f"no federation {name!r} in {home.root}")
+    spec = FederationSpec(**{**fed["spec"], "base_bundle": Path(fed["spec"]["base_bundle"]),
+                             "members": tuple(fed["spec"]["members"])})  # fmt: skip
+    r = fed["round"]
+    if fed["state"] == "finished":
+        return _status(home, spec, r, "finished")
+    with home.registry() as registry:
+        entries = registry.member_rounds(name, r)
+    if not entries:
+        _issue_round(home, spec, r)
+        return _status(home, spec, r, "issued")
+    received = _collect(home, name, r, entries)
+    if len(received) >= spec.needed or (received and now - fed["round_started"] > spec.deadline_s):
+        _close_round(home, spec, r, received)
+        last = r + 1 == spec.rounds
+        with home.registry() as registry:
+            registry.set_federation(
+                name, r if last else r + 1, now, "finished" if last else "running"
+            )
+        return _status(home, spec, r, "finished" if last else "closed")
+    return _status(home, spec, r, "waiting")
+
+
+def _status(home: OwnerHome, spec: FederationSpec, r: int, state: str) -> dict:
+    with home.registry() as registry:
+        members = registry.member_rounds(spec.name, r)
+    return {"federation": spec.name, "round": r, "rounds": spec.rounds, "state": state,
+            "members": {m["data_owner"]: m["status"] for m in members},
+            "aggregate": str(round_dir(home, spec.name, r) / AGGREGATE) if state in ("closed", "finished") else None}  # fmt: skip
+
+
+def _issue_round(home: OwnerHome, spec: FederationSpec, r: int) -> None:
+    """Every member's signed bundle for round `r`, carrying the previous round's aggregate."""
+    base = open_bundle(spec.base_bundle)
+    state = None
+    if r > 0:
+        previous = open_adapter(round_dir(home, spec.name, r - 1) / AGGREGATE)
+        state = verify_adapter_for_bundle(previous, base)
+    signer = Signer("model-owner", home.signing_key)
+    for member in spec.members:
+        extra = {
+            "issued_to": member,
+            "federation": {"name": spec.name, "round": r, "rounds": spec.rounds},
+        }
+        bundle = write_round_bundle(
+            base, state, round_dir(home, spec.name, r) / member, signer, extra
+        )
+        register_bundle(home, bundle, member, spec.model)
+        with home.registry() as registry:
+            registry.add_member_round(spec.name, r, member, bundle.bundle_id)
+
+
+def write_round_bundle(base: Bundle, state: dict[str, torch.Tensor] | None, out: Path, signer: Signer,
+                       extra: dict) -> Bundle:  # fmt: skip
+    """`base` with its adapter blocks replaced by `state` (full-model names), re-signed, atomically."""
+    prefix = base.manifest["base_model"]["block_prefix"]
+    position = dict(zip(base.adapter_sources, base.adapter_positions, strict=True))
+    replacements = {}
+    for name, value in (state or {}).items():
+        block, rest = name.removeprefix(prefix + ".").split(".", 1)
+        replacements[f"{prefix}.{position[int(block)]}.{rest}"] = value
+    manifest = {k: v for k, v in base.manifest.items() if k != "files"} | extra
+    return write_bundle_files(lambda tmp: copy_with(base.path, tmp, replacements), None, manifest, out,
+                              overwrite=True, signer=signer)  # fmt: skip
+
+
+def _collect(home: OwnerHome, name: str, r: int, entries: list[dict]) -> list[dict]:
+    """Mark the members whose verified adapter for this round's bundle has arrived; all received."""
+    with home.registry() as registry:
+        verified = {
+            a["bundle_id"]: a for a in reversed(registry.adapters()) if a["status"] == "verified"
+        }
+        for e in entries:
+            a = verified.get(e["bundle_id"])
+            if e["status"] != "issued" or a is None or a["data_owner"] != e["data_owner"]:
+                continue
+            adapter = open_adapter(a["path"])
+            if (
+                adapter.kind != "blocks" or adapter.trained != "all"
+            ):  # FedAvg over whole blocks only
+                registry.set_member_round(name, r, e["data_owner"], "refused", a["adapter_id"])
+                continue
+            tokens = int(adapter.manifest["training"].get("tokens_this_run") or 0)
+            registry.set_member_round(name, r, e["data_owner"], "received", a["adapter_id"], tokens)
+        return [m for m in registry.member_rounds(name, r) if m["status"] == "received"]
+
+
+def _close_round(home: OwnerHome, spec: FederationSpec, r: int, received: list[dict]) -> Adapter:
+    """FedAvg of the received adapters (each re-checked against its round bundle), saved signed."""
+    states, weights = [], []
+    with home.registry() as registry:
+        for m in received:
+            record = registry.adapter_exact(m["adapter_id"])
+            bundle = open_bundle(registry.bundle(m["bundle_id"])["path"])
+            states.append(verify_adapter_for_bundle(open_adapter(record["path"]), bundle))
+            weights.append(m["tokens"])
+        for m in registry.member_rounds(spec.name, r):
+            if m["status"] == "issued":
+                registry.set_member_round(spec.name, r, m["data_owner"], "straggler")
+    if min(weights) <= 0:
+        raise OffsiteError(
+            f"round {r}: an adapter reports no training tokens; it cannot be weighted"
+        )
+    training = {
+        "federation": {
+            "name": spec.name,
+            "round": r,
+            "members": {m["data_owner"]: m["tokens"] for m in received},
+        }
+    }
+    return save_adapter(fedavg(states, weights), open_bundle(spec.base_bundle), round_dir(home, spec.name, r) / AGGREGATE,
+                        training=training, overwrite=True, signer=Signer("model-owner", home.signing_key))  # fmt: skip

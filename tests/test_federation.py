@@ -1,0 +1,163 @@
+"""FedAvg rounds over the real exchange: quorum, stragglers, restarts, stale adapters, the math."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from exchange_env import make_env, signer_of, thread_server
+from helpers import expect_error
+from safetensors.torch import load_file
+from tiny import CORPUS, DEPTH
+
+from offsite.artefacts.adapter import WEIGHTS_NAME, open_adapter
+from offsite.artefacts.bundle import open_bundle
+from offsite.emulator.package import package_emulator
+from offsite.emulator.plan import make_plan
+from offsite.exchange.federation import AGGREGATE, FederationSpec, advance, fedavg, round_dir, start
+from offsite.exchange.home import enroll
+from offsite.models.loading import load_model, load_tokenizer
+from offsite.training.finetune import FinetuneJob, finetune_bundle
+from offsite.training.loop import TrainConfig
+from offsite.transport.client import connect, join
+from owner.cli import main as owner
+
+
+def test_fedavg_is_the_token_weighted_mean():
+    a = {"w": torch.tensor([1.0, 2.0]), "h": torch.tensor([0.0], dtype=torch.bfloat16)}
+    b = {"w": torch.tensor([5.0, 6.0]), "h": torch.tensor([4.0], dtype=torch.bfloat16)}
+    out = fedavg([a, b], [1, 3])
+    assert torch.equal(out["w"], torch.tensor([4.0, 5.0])) and out["h"].dtype == torch.bfloat16
+    assert out["h"].item() == 3.0
+
+
+@pytest.fixture
+def fed(tmp_path):
+    home, creds, _ = make_env(tmp_path, ["acme", "bob", "carol"])
+    enroll(home, "dave")  # enrolled, not a member
+    model = load_model(str(tmp_path / "model"))
+    package_emulator(model, load_tokenizer(str(tmp_path / "model")), make_plan(DEPTH, emulator_layers=2),
+                     tmp_path / "base", base_name="m")  # fmt: skip
+    (tmp_path / "d.txt").write_text(CORPUS)
+    spec = FederationSpec("f1", tmp_path / "base", str(tmp_path / "model"), ("acme", "bob", "carol"), rounds=2,
+                          quorum=2, deadline_s=600)  # fmt: skip
+    start(home, spec)
+    return home, creds, spec, tmp_path
+
+
+def _train(creds, steps):
+    def train(bundle, out):
+        job = FinetuneJob(out.parent.parent / "d.txt", out, block_size=16, val_fraction=0.0)
+        cfg = TrainConfig(max_steps=steps, batch_size=2, learning_rate=1e-2)
+        return finetune_bundle(bundle, job, cfg, signer=signer_of(creds)).path
+
+    return train
+
+
+def test_rounds_close_at_quorum_record_stragglers_and_survive_restarts(fed):
+    home, creds, spec, root = fed
+    assert advance(home, "f1")["state"] == "issued"
+    issued = advance(home, "f1")  # a restarted owner finds the same round, issues nothing again
+    assert issued["state"] == "waiting" and set(issued["members"].values()) == {"issued"}
+    with thread_server(home) as address:
+        joined = {}
+        for name, steps in (("acme", 1), ("bob", 3)):
+            with connect(address, creds[name]) as client:
+                joined[name] = join(
+                    client,
+                    1,
+                    root / f"work-{name}",
+                    _train(creds[name], steps),
+                    poll_s=0.1,
+                    wait_s=5,
+                )
+        closed = advance(home, "f1")
+        assert closed["state"] == "closed" and closed["members"] == {
+            "acme": "received",
+            "bob": "received",
+            "carol": "straggler",
+        }
+        aggregate = open_adapter(round_dir(home, "f1", 0) / AGGREGATE)
+        tokens = aggregate.manifest["training"]["federation"]["members"]
+        assert tokens["bob"] == 3 * tokens["acme"]
+        states = [
+            load_file(str(root / f"work-{n}" / "round-0" / WEIGHTS_NAME)) for n in ("acme", "bob")
+        ]
+        expected = fedavg(states, [tokens["acme"], tokens["bob"]])
+        got = load_file(str(aggregate.path / WEIGHTS_NAME))
+        assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+        assert advance(home, "f1")["state"] == "issued"  # round 1 carries the aggregate
+        with connect(address, creds["acme"]) as client:
+            listed = client.list_bundles()
+            round1 = open_bundle(
+                client.fetch_bundle(listed[-1]["bundle_id"], root / "acme-r1").path
+            )
+            assert round1.manifest["federation"]["round"] == 1
+            # a stale adapter (round 0's, submitted again) does not count for round 1
+            client.submit_adapter(root / "work-acme" / "round-0")
+        assert advance(home, "f1")["members"]["acme"] == "issued"
+        emulator = round1.load_model()
+        prefix, (pos, src) = (
+            "model.layers",
+            (round1.adapter_positions[0], round1.adapter_sources[0]),
+        )
+        torch.testing.assert_close(emulator.state_dict()[f"{prefix}.{pos}.mlp.up_proj.weight"],
+                                   got[f"{prefix}.{src}.mlp.up_proj.weight"])  # fmt: skip
+        for name in ("acme", "bob"):  # join resumes from work/join.json: round 0 is not redone
+            with connect(address, creds[name]) as client:
+                done = join(
+                    client, 2, root / f"work-{name}", _train(creds[name], 1), poll_s=0.1, wait_s=5
+                )
+            assert [d["round"] for d in done] == [0, 1] and done[0] == joined[name][0]
+        final = advance(home, "f1")
+    assert final["state"] == "finished" and final["round"] == 1
+    assert advance(home, "f1")["state"] == "finished"
+    merged = root / "merged"
+    assert owner(["merge-adapter", "--model", str(root / "model"), "--adapter", final["aggregate"], "--bundle",
+                  str(root / "base"), "--signer-key", str(home.root / "signing.pub"), "--out", str(merged)]) == 0  # fmt: skip
+    assert json.loads((merged / "offsite_merge.json").read_text())["signer"] == "model-owner"
+
+
+def test_deadline_closes_a_round_with_what_arrived(fed):
+    home, creds, spec, root = fed
+    advance(home, "f1")
+    with thread_server(home) as address, connect(address, creds["carol"]) as client:
+        join(client, 1, root / "work-carol", _train(creds["carol"], 1), poll_s=0.1, wait_s=5)
+    assert advance(home, "f1")["state"] == "waiting"  # one of a quorum of two
+    with home.registry() as registry:
+        started = registry.federation("f1")["round_started"]
+    late = advance(home, "f1", now=started + 601)
+    assert late["state"] == "closed" and late["members"]["carol"] == "received"
+
+
+def test_bad_federation_options_get_one_line_errors(fed, capsys):
+    home, _, _, root = fed
+    base = [
+        "federate",
+        "--home",
+        str(home.root),
+        "--bundle",
+        str(root / "base"),
+        "--model",
+        str(root / "model"),
+    ]
+    expect_error(
+        capsys,
+        owner,
+        [*base, "--name", "f2", "--members", "acme", "--rounds", "0"],
+        "--rounds must be >= 1",
+    )
+    expect_error(
+        capsys, owner, [*base, "--name", "f2", "--members", "acme,zed", "--rounds", "1"], "'zed'"
+    )
+    expect_error(
+        capsys,
+        owner,
+        [*base, "--name", "f1", "--members", "acme", "--rounds", "1"],
+        "exists with other settings",
+    )
+    expect_error(
+        capsys, owner, [*base, "--name", "f2", "--members", "acme,acme", "--rounds", "1"], "once"
+    )
