@@ -186,7 +186,9 @@ def _adapter_cell(r: dict) -> str:
     if r.get("trainable_parameters") is None:
         return "-"
     method = (r.get("peft") or {}).get("method", "blocks")
-    return f"{method}, {r['trainable_parameters'] / 1e6:.2f}M params, {r['adapter_bytes'] / 1e6:.1f} MB"
+    size = r["adapter_bytes"]
+    size_text = f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
+    return f"{method}, {r['trainable_parameters']:,} params, {size_text}"
 
 
 def write_results(results: list[dict], out: Path) -> None:
