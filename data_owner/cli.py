@@ -131,7 +131,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def cmd_join(args: argparse.Namespace) -> None:
     """Federated rounds: fetch each round's bundle, fine-tune, submit, until --rounds are done."""
-    from offsite.transport.client import join
+    from offsite.transport.join import join
 
     cfg = train_config(args)
     if not args.credentials:
@@ -181,6 +181,33 @@ def _add_server(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--insecure-dev-identity", default=None, help=argparse.SUPPRESS)
 
 
+def _add_join(sub) -> None:
+    p = sub.add_parser(
+        "join", help="take part in the owner's federated rounds (fetch, fine-tune, submit, repeat)"
+    )
+    _add_server(p, required=True)
+    p.add_argument("--rounds", type=int, required=True, help="how many rounds to take part in")
+    p.add_argument("--data", required=True, help="your local training data (.txt or .jsonl)")
+    p.add_argument(
+        "--work", required=True, help="folder for each round's bundle and adapter (and progress)"
+    )
+    p.add_argument(
+        "--poll",
+        type=float,
+        default=10.0,
+        help="seconds between looks for the next bundle (default 10)",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=3600.0,
+        help="give up after this long without a new bundle (default 3600)",
+    )
+    add_training(p)
+    add_dp(p)
+    p.set_defaults(func=cmd_join)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = make_parser(
         "data-owner", "Data owner: fine-tune an emulator bundle's adapter on private data."
@@ -211,30 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dp(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser(
-        "join", help="take part in the owner's federated rounds (fetch, fine-tune, submit, repeat)"
-    )
-    _add_server(p, required=True)
-    p.add_argument("--rounds", type=int, required=True, help="how many rounds to take part in")
-    p.add_argument("--data", required=True, help="your local training data (.txt or .jsonl)")
-    p.add_argument(
-        "--work", required=True, help="folder for each round's bundle and adapter (and progress)"
-    )
-    p.add_argument(
-        "--poll",
-        type=float,
-        default=10.0,
-        help="seconds between looks for the next bundle (default 10)",
-    )
-    p.add_argument(
-        "--wait",
-        type=float,
-        default=3600.0,
-        help="give up after this long without a new bundle (default 3600)",
-    )
-    add_training(p)
-    add_dp(p)
-    p.set_defaults(func=cmd_join)
+    _add_join(sub)
 
     p = sub.add_parser("fetch", help="download a bundle issued to you (resumable) and verify it")
     _add_server(p, required=True)

@@ -237,6 +237,9 @@ def _add_exchange(sub) -> None:
     p = sub.add_parser("adapters", help="adapters received: from whom, verified or rejected, why")
     p.add_argument("--home", required=True)
     p.set_defaults(func=cmd_adapters)
+
+
+def _add_federate(sub) -> None:
     p = sub.add_parser(
         "federate",
         help="FedAvg rounds over several enrolled data owners (run beside `owner serve`)",
@@ -275,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = subparsers(parser)
     _add_exchange(sub)
+    _add_federate(sub)
     _add_package(sub)
     _add_merge(sub)
     _add_evaluate_offsite(sub)

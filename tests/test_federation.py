@@ -20,7 +20,8 @@ from offsite.exchange.home import enroll
 from offsite.models.loading import load_model, load_tokenizer
 from offsite.training.finetune import FinetuneJob, finetune_bundle
 from offsite.training.loop import TrainConfig
-from offsite.transport.client import connect, join
+from offsite.transport.client import connect
+from offsite.transport.join import join
 from owner.cli import main as owner
 
 

@@ -298,18 +298,11 @@ def train(
     per_epoch = _steps_per_epoch(train_data, cfg, acc.num_processes)
     run = _Progress(cfg.max_steps or cfg.epochs * per_epoch)
     trainable, optimizer, scheduler = _optimizer(model, cfg, run.max_steps)
-    if cfg.dp is not None:  # per-sample clipping and noise instead of plain clipping
-        model, optimizer, private = _privately(
-            model, optimizer, cfg, len(train_data), acc, run.max_steps
-        )
+    private = None  # DP-SGD: per-sample clipping and noise instead of plain clipping
+    if cfg.dp is not None:
+        model, optimizer, private = _privately(model, optimizer, cfg, len(train_data), acc, run.max_steps)  # fmt: skip
     run_key = {**(run_key or {}), "data": train_data.sha256, "config": {**asdict(cfg), "max_steps": None, "epochs": None}}  # fmt: skip
-    if checkpoint_dir is not None:
-        with (
-            acc.main_process_first()
-        ):  # one process claims the folder; the others then find it ours
-            claim_checkpoint_dir(checkpoint_dir)
-    run.step = _restore_or_refuse(checkpoint_dir, resume, run_key, model, optimizer, scheduler)
-    best = BestWeights(checkpoint_dir if keep_best else None, run_key, resume)
+    run.step, best = _resume(acc, checkpoint_dir, resume, run_key, keep_best, model, optimizer, scheduler)  # fmt: skip
     model.train()
     model, optimizer = acc.prepare(model, optimizer)
     ctx = _Context(acc, cfg, pad_id, val_data, checkpoint_dir, run_key, keep_best)
@@ -330,9 +323,7 @@ def train(
             continue
         scheduler.step()
         run.step += 1
-        step_loss = float(
-            acc.reduce(torch.tensor(sum(losses) / len(losses), device=acc.device), "mean")
-        )
+        step_loss = float(acc.reduce(torch.tensor(sum(losses) / len(losses), device=acc.device), "mean"))  # fmt: skip
         losses = []
         _after_step(ctx, run, step_loss, model, optimizer, scheduler, best)
         if on_step and acc.is_main_process:
@@ -340,13 +331,22 @@ def train(
     acc.wait_for_everyone()
     if keep_best and best.state is not None:
         best.restore(acc.unwrap_model(model))
-    summary = _summary(
-        run, cfg, train_data, val_data, best if keep_best else None, acc.num_processes, per_epoch
-    )
-    if cfg.dp is not None:
+    summary = _summary(run, cfg, train_data, val_data, best if keep_best else None, acc.num_processes, per_epoch)  # fmt: skip
+    if private is not None:
         acc.unwrap_model(model).remove_hooks()  # the caller's model is left without opacus's hooks
         summary["differential_privacy"] = spent(cfg.dp, *private, run.step)
     return summary
+
+
+def _resume(acc: Accelerator, checkpoint_dir: Path | None, resume: bool, run_key: dict, keep_best: bool,
+            model, optimizer, scheduler) -> tuple[int, BestWeights]:  # fmt: skip
+    """Claim the checkpoint folder, restore a checkpoint of this run (or refuse another's): the step
+    to start from and the best weights so far."""
+    if checkpoint_dir is not None:
+        with acc.main_process_first():  # one process claims the folder; the others find it ours
+            claim_checkpoint_dir(checkpoint_dir)
+    step = _restore_or_refuse(checkpoint_dir, resume, run_key, model, optimizer, scheduler)
+    return step, BestWeights(checkpoint_dir if keep_best else None, run_key, resume)
 
 
 def _loss_and_checkpointing(model, cfg: TrainConfig) -> LossFn:

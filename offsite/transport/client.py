@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -31,7 +30,7 @@ import grpc
 from offsite.artefacts.adapter import ADAPTER_MANIFEST, open_adapter
 from offsite.artefacts.bundle import Bundle, open_bundle
 from offsite.artefacts.manifest import is_safe_name
-from offsite.atomic import sha256_file, write_bytes_atomic
+from offsite.atomic import sha256_file
 from offsite.errors import OffsiteError, VerificationError
 from offsite.exchange.credentials import Credentials
 from offsite.exchange.protocol import ADAPTER_FILES, CHUNK_BYTES, MAX_CHUNK_BYTES, PROTOCOL_VERSION
@@ -375,54 +374,3 @@ def submit(
 ) -> dict:
     """`data-owner submit`: upload a signed adapter (resumable); the owner verifies it on arrival."""
     return owner.submit_adapter(adapter, on_bytes=on_bytes)
-
-
-def join(
-    owner: OwnerClient,
-    rounds: int,
-    work: Path,
-    train: Callable[[Bundle, Path], Path],
-    *,
-    poll_s: float = 10.0,
-    wait_s: float = 3600.0,
-) -> list[dict]:
-    """`data-owner join`: take part in `rounds` federated rounds. Each round: wait for the newest
-    bundle issued to us that we have not trained on (start it after the owner issued round 0), fetch it, `train(bundle, out)` (returns the signed
-    adapter's directory), submit. Progress is kept in WORK/join.json, so a restart carries on."""
-    work.mkdir(parents=True, exist_ok=True)
-    log_path = work / "join.json"
-    done = json.loads(log_path.read_text()) if log_path.is_file() else []
-    while len(done) < rounds:
-        k = len(done)
-        info = _next_bundle(owner, {d["bundle_id"] for d in done}, poll_s, wait_s)
-        bundle_dir = work / f"round-{k}.bundle"
-        bundle = (
-            open_bundle(bundle_dir)
-            if bundle_dir.is_dir()
-            else owner.fetch_bundle(info["bundle_id"], bundle_dir)
-        )
-        if bundle.bundle_id != info["bundle_id"]:
-            raise OffsiteError(f"{bundle_dir}: holds another bundle; remove it and run again")
-        adapter_dir = work / f"round-{k}"
-        if not adapter_dir.is_dir():
-            train(bundle, adapter_dir)
-        result = owner.submit_adapter(adapter_dir)
-        done.append({"round": k, "bundle_id": bundle.bundle_id, "federation": bundle.manifest.get("federation"),
-                     "adapter": str(adapter_dir), **result})  # fmt: skip
-        write_bytes_atomic(log_path, (json.dumps(done, indent=2) + "\n").encode())
-    return done
-
-
-def _next_bundle(owner: OwnerClient, seen: set[str], poll_s: float, wait_s: float) -> dict:
-    """The newest listed bundle not in `seen` (a round we missed is not worth training for),
-    waiting for the owner to issue one."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        fresh = [b for b in owner.list_bundles() if b["bundle_id"] not in seen]
-        if fresh:
-            return fresh[-1]
-        if time.monotonic() > deadline:
-            raise OffsiteError(
-                f"no new bundle from the model owner within {wait_s:g} s; run `data-owner join` again to keep waiting"
-            )
-        time.sleep(poll_s)
