@@ -13,6 +13,8 @@ and nothing imports grpc before a server or client is needed):
 | data-owner finetune             | offsite.finetune_bundle (FinetuneJob)   |
 | data-owner fetch                | offsite.fetch                           |
 | data-owner submit               | offsite.submit                          |
+| owner federate                  | offsite.federate (FederationSpec)       |
+| data-owner join                 | offsite.join                            |
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ _RECIPES = {
     "FinetuneJob": "offsite.training.finetune",
     "fetch": "offsite.transport.client",
     "submit": "offsite.transport.client",
+    "federate": "offsite.exchange.federation",
+    "FederationSpec": "offsite.exchange.federation",
+    "join": "offsite.transport.join",
 }
 __all__ = ["__version__", *_RECIPES]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from offsite.artefacts.merge import MergeSpec, merge
@@ -16,7 +15,7 @@ from offsite.emulator.recipe import EmulatorRecipe
 from offsite.errors import OffsiteError
 from offsite.evaluation.five_settings import summary_table
 from offsite.evaluation.recipe import EvaluateSpec, evaluate
-from offsite.exchange.federation import FederationSpec, advance, start
+from offsite.exchange.federation import FederationSpec, federate
 from offsite.exchange.home import enroll, init_home, issue_bundle, merge_inputs, open_home
 from offsite.models.loading import DEFAULT_MODEL, load_model, load_tokenizer
 from offsite.training.loop import TrainConfig
@@ -154,19 +153,13 @@ def cmd_adapters(args: argparse.Namespace) -> None:
 
 def cmd_federate(args: argparse.Namespace) -> None:
     """Run (or resume) FedAvg rounds: issue each round's bundles, wait for the adapters, average."""
-    home = open_home(args.home)
     spec = FederationSpec(name=args.name, base_bundle=Path(args.bundle), model=args.model, members=args.members,
                           rounds=args.rounds, quorum=args.quorum, deadline_s=args.deadline)  # fmt: skip
-    start(home, spec)
-    while True:
-        status = advance(home, spec.name)
-        print(f"== round {status['round'] + 1}/{status['rounds']}: {status['state']} {status['members']}",
-              file=sys.stderr, flush=True)  # fmt: skip
-        if args.once or status["state"] == "finished":
-            print_json(status)
-            return
-        if status["state"] == "waiting":
-            time.sleep(args.poll)
+    show = lambda s: print(f"== round {s['round'] + 1}/{s['rounds']}: {s['state']} {s['members']}",  # noqa: E731
+                           file=sys.stderr, flush=True)  # fmt: skip
+    print_json(
+        federate(open_home(args.home), spec, poll_s=args.poll, once=args.once, on_status=show)
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ in the owner home's registry, so a restarted owner resumes the round it was in.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,6 +84,21 @@ def start(home: OwnerHome, spec: FederationSpec) -> None:
             raise OffsiteError(
                 f"federation {spec.name!r} exists with other settings; choose another --name"
             )
+
+
+def federate(home: OwnerHome, spec: FederationSpec, *, poll_s: float = 5.0, once: bool = False,
+             on_status: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
+    """`owner federate`: start (or resume) the federation and advance it until it is finished
+    (`once`: a single step); returns where it stands."""
+    start(home, spec)
+    while True:
+        status = advance(home, spec.name)
+        if on_status:
+            on_status(status)
+        if once or status["state"] == "finished":
+            return status
+        if status["state"] == "waiting":
+            time.sleep(poll_s)
 
 
 def advance(home: OwnerHome, name: str, now: float | None = None) -> dict:
