@@ -186,6 +186,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-limit", type=int, default=None, help="training items to use (choice tasks)")  # fmt: skip
     p.add_argument("--no-full-finetune", action="store_true", help="skip the full-model ceiling")
     p.add_argument("--workdir", default="runs/simulate", help="where both parties keep their files (replaced)")  # fmt: skip
+    p.add_argument(
+        "--data-owners",
+        type=int,
+        default=1,
+        help="more than 1: federated rounds (scripts/federated.py)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=3, help="with --data-owners: FedAvg rounds of --steps each"
+    )
+    p.add_argument(
+        "--dp-epsilon",
+        type=float,
+        default=None,
+        help="with --data-owners: each data owner trains under DP",
+    )
     a = p.parse_args(argv)
     if a.test is None and a.train == str(SAMPLES / "shakespeare-train.txt"):
         a.test = str(SAMPLES / "shakespeare-test.txt")
@@ -204,6 +219,10 @@ def main(argv: list[str] | None = None) -> None:
                           warmup_steps=2, seed=a.seed, save_every=0)  # fmt: skip
     except OffsiteError as e:
         fail(str(e))
+    if a.data_owners > 1:
+        from scripts.federated import run
+
+        return run(a, task)
     work = Path(a.workdir)
     shutil.rmtree(work, ignore_errors=True)
     owner_dir, do_dir = work / "model-owner", work / "data-owner"
