@@ -42,3 +42,26 @@ def test_simulation_refuses_bad_input_before_starting(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert done.returncode == 2 and "none.txt: data file not found" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "w").exists()
+
+
+def test_federated_simulation_runs_rounds_over_the_exchange(tmp_path, corpus_file):
+    save_tiny("llama", tmp_path / "model")
+    work = tmp_path / "work"
+    argv = [sys.executable, "-m", "scripts.simulate", "--model", str(tmp_path / "model"), "--train", str(corpus_file),
+            "--test", str(corpus_file), "--emulator-layers", "2", "--selection", "uniform", "--layerwise-steps", "0",
+            "--steps", "2", "--block-size", "16", "--eval-limit", "4", "--data-owners", "3", "--rounds", "2",
+            "--workdir", str(work)]  # fmt: skip
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((work / "results" / "federated.json").read_text())
+    settings = [r["setting"] for r in result["rows"]]
+    assert settings[:3] == [
+        "full model zero-shot",
+        "federated, after round 1",
+        "federated, after round 2",
+    ]
+    assert settings[-1] == "pooled data" and len(settings) == 7
+    for name in ("alice", "bob", "carol"):
+        done_rounds = json.loads((work / name / "rounds" / "join.json").read_text())
+        assert [d["status"] for d in done_rounds] == ["verified", "verified"]
