@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ from offsite.models.loading import load_model, load_tokenizer
 from offsite.training.data import load_data, pad_id_of
 from offsite.training.finetune import freeze_except_adapter
 from offsite.training.loop import TrainConfig, train
+from scripts.memory import peak_rss_mib
 
 SAMPLE = "data/samples/shakespeare-train.txt"
 CONFIGS = [
@@ -68,23 +67,9 @@ def model_shapes(model, tokens: int) -> list[tuple[int, int, int]]:
     return sorted(shapes | {(tokens, head.in_features, head.out_features), (2048, 2048, 2048)})
 
 
-def _rss_mib() -> float:
-    """This process's peak RSS. Not getrusage's ru_maxrss: that survives fork + exec, so a spawned
-    process would report its parent's peak; /proc's VmHWM starts afresh with the new program."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
-        2**20 if sys.platform == "darwin" else 1024
-    )
-
-
 def _run(setting: str, precision: str, args: argparse.Namespace, bundle_dir: str, queue) -> None:
     torch.manual_seed(0)
-    base_rss = _rss_mib()
+    base_rss = peak_rss_mib()
     tokenizer = load_tokenizer(args.model)
     if setting.startswith("offsite"):  # exactly what the data owner loads: the bundle
         bundle = open_bundle(bundle_dir)
@@ -107,7 +92,9 @@ def _run(setting: str, precision: str, args: argparse.Namespace, bundle_dir: str
                     on_step=lambda info: times.append(time.perf_counter()))  # fmt: skip
     timed = times[args.warmup :]
     step_s = (timed[-1] - timed[0]) / (len(timed) - 1)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _rss_mib()
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mib()
+    )
     queue.put({"config": setting, "precision": precision, "step_s": step_s, "trainable_parameters": trainable,
                "tokens_per_s": args.batch_size * args.block_size / step_s, "peak_mib": peak,
                "above_baseline_mib": peak - base_rss, "losses": [h["loss"] for h in summary["history"]]})  # fmt: skip

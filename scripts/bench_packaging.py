@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from scripts.memory import peak_rss_mib
 
 
 def make_model(root: Path, args: argparse.Namespace) -> int:
@@ -64,25 +64,11 @@ def make_model(root: Path, args: argparse.Namespace) -> int:
     return total
 
 
-def _rss_mib() -> float:
-    """This process's peak RSS. Not getrusage's ru_maxrss: that survives fork + exec, so a spawned
-    process would report its parent's peak; /proc's VmHWM starts afresh with the new program."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
-        2**20 if sys.platform == "darwin" else 1024
-    )
-
-
 def _step(name: str, work: str, queue) -> None:
     import offsite.artefacts.merge  # noqa: F401  (imports outside the timed part, as in a CLI)
     import offsite.emulator.package  # noqa: F401
 
-    base = _rss_mib()
+    base = peak_rss_mib()
     w = Path(work)
     t = time.perf_counter()
     if name == "copy":
@@ -108,7 +94,11 @@ def _step(name: str, work: str, queue) -> None:
             )
         )
     queue.put(
-        {"seconds": time.perf_counter() - t, "peak_rss_mib": _rss_mib(), "baseline_rss_mib": base}
+        {
+            "seconds": time.perf_counter() - t,
+            "peak_rss_mib": peak_rss_mib(),
+            "baseline_rss_mib": base,
+        }
     )
 
 
