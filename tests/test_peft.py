@@ -272,6 +272,7 @@ def test_streaming_merge_equals_the_in_memory_merge(family, method, dtype, token
         record = merge(MergeSpec(tmp_path / "a", tmp_path / "b", out, model=str(tmp_path / "full"),
                                  allow_unsigned=True, **kw))  # fmt: skip
         assert record["written"].startswith({"stream": "streaming", "loaded": "loaded"}[how])
+        assert torch.get_default_dtype() == torch.float32, "torch's default dtype is left as it was"
         runs[how] = AutoModelForCausalLM.from_pretrained(out).state_dict()
     assert runs["stream"].keys() == runs["loaded"].keys()
     for k, v in runs["stream"].items():
@@ -285,3 +286,17 @@ def test_streaming_merge_equals_the_in_memory_merge(family, method, dtype, token
             name
         ].file.read_bytes()[merged[name].start : merged[name].end]
         assert same or _block_of(name) in ADAPTER_BLOCKS, name
+
+
+def test_ia3_on_chosen_targets_without_a_feedforward_one_round_trips(tokenizer, tmp_path):
+    bundle = _setup("llama", tokenizer, tmp_path)
+    _finetune(bundle, tmp_path, PeftOptions("ia3", targets=("k_proj", "v_proj")), steps=1)
+    config = json.loads((tmp_path / "a" / PEFT_CONFIG).read_text())
+    assert config["feedforward_modules"] == []
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    via_peft = _logits(PeftModel.from_pretrained(full, tmp_path / "a"))
+    merge(MergeSpec(tmp_path / "a", tmp_path / "b", tmp_path / "m", model=str(tmp_path / "full"),
+                    allow_unsigned=True))  # fmt: skip
+    torch.testing.assert_close(
+        _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m")), via_peft
+    )

@@ -160,7 +160,11 @@ def full_config(options: PeftOptions, bundle: Bundle) -> dict:
     """The `adapter_config.json` a delta for `bundle` must carry: the config on the full model."""
     model_type = bundle.manifest["base_model"]["model_type"]
     config = peft_config(options, model_type, bundle.adapter_sources).to_dict()
-    return json.loads(json.dumps(config, default=str))  # enums and sets as JSON has them
+    return json.loads(json.dumps(config, default=_plain))  # enums and sets as JSON has them
+
+
+def _plain(value):
+    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
 
 
 def expected_delta_spec(options: PeftOptions, bundle: Bundle) -> TensorSpec:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from offsite.errors import OffsiteError
 from offsite.models.architectures import block_prefix, get_blocks
 
 SINGLE = "model.safetensors"
+_BUILD_LOCK = threading.Lock()
 INDEX = "model.safetensors.index.json"
 _CHUNK = 8 << 20
 # weight files of other formats a model directory may also hold: never copied beside ours
@@ -123,9 +125,10 @@ def state_names(root: Path) -> dict[str, str]:
     return out
 
 
-def stream_fingerprint(root: Path) -> str:
-    """`model_fingerprint` of the model at `root`, read tensor by tensor from disk."""
-    stored, names = tensor_map(root), state_names(root)
+def stream_fingerprint(root: Path, names: dict[str, str] | None = None) -> str:
+    """`model_fingerprint` of the model at `root`, read tensor by tensor from disk (`names`:
+    `state_names(root)`, if the caller has it; pass it when hashing in another thread)."""
+    stored, names = tensor_map(root), names if names is not None else state_names(root)
     digest = hashlib.sha256()
     for name in sorted(names):
         entry = stored[names[name]]
@@ -191,7 +194,9 @@ def write_from_ranges(
 def meta_model(root: Path, dtype: torch.dtype | None = None):
     """The model at `root` with no weights (on the meta device), its blocks untied from disk."""
     config = AutoConfig.from_pretrained(root)
-    with torch.device("meta"):
+    # from_config switches torch's process-wide default dtype to the config's while it builds:
+    # two threads building at once could leave the wrong one behind
+    with _BUILD_LOCK, torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
     model.tie_weights()
     return model

@@ -177,7 +177,9 @@ def package_streaming(
     model = meta_model(source)
     plan = _plan(spec, num_blocks(model.config))
     check_plan_fits(model, plan)
-    state_names(source)  # NotStreamable now if the files name tensors otherwise than the model
+    names = state_names(
+        source
+    )  # NotStreamable now if the files name tensors otherwise than the model
     prefix = block_prefix(model.config.model_type)
     position = {src: i for i, src in enumerate(plan.emulator_order)}
     renames = {}
@@ -197,7 +199,7 @@ def package_streaming(
 
     def write(tmp: Path) -> None:
         with ThreadPoolExecutor(1) as pool:  # the full model is hashed while the kept tensors copy
-            hashing = pool.submit(stream_fingerprint, source)
+            hashing = pool.submit(stream_fingerprint, source, names)
             model.config.save_pretrained(tmp)
             if (
                 model.generation_config is not None
