@@ -128,6 +128,7 @@ def run(a: argparse.Namespace, task) -> None:
     work = Path(a.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    Phase.n, Phase.total = 0, 4
     home, names, block, t0 = (
         work / "home",
         list(NAMES[: a.data_owners]),

@@ -37,14 +37,14 @@ PHASES = 8
 class Phase:
     """Prints a numbered phase header, and its duration when it ends."""
 
-    n = 0
+    n, total = 0, PHASES
 
     def __init__(self, title: str) -> None:
         Phase.n += 1
         self.title = title
 
     def __enter__(self) -> Phase:
-        print(f"\n[{Phase.n}/{PHASES}] {self.title}", flush=True)
+        print(f"\n[{Phase.n}/{Phase.total}] {self.title}", flush=True)
         self.t = time.perf_counter()
         return self
 
