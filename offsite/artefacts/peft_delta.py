@@ -27,11 +27,11 @@ from peft import (
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from offsite.artefacts.adapter import PEFT_CONFIG, Adapter
 from offsite.artefacts.bundle import Bundle
-from offsite.artefacts.shards import load_blocks
+from offsite.artefacts.shards import load_blocks, meta_model
 from offsite.artefacts.tensorcheck import TensorSpec, check_spec, dtype_name, load_checked, spec_of
 from offsite.errors import OffsiteError, VerificationError
 from offsite.models.architectures import arch_spec, block_prefix, get_blocks
@@ -169,10 +169,10 @@ def _plain(value):
 
 def expected_delta_spec(options: PeftOptions, bundle: Bundle) -> TensorSpec:
     """Key set, dtypes and shapes of a delta for `bundle`: `options` applied to its architecture."""
-    config = AutoConfig.from_pretrained(bundle.path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    peft_model = _wrap(model, peft_config(options, config.model_type, bundle.adapter_positions))
+    model = meta_model(bundle.path, dtype=torch.float32)  # the server verifies from many threads
+    peft_model = _wrap(
+        model, peft_config(options, model.config.model_type, bundle.adapter_positions)
+    )
     if options.method == "prompt":  # peft would copy it to the CPU to save it: not on meta
         weight = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight
         return {"prompt_embeddings": (dtype_name(weight.dtype), tuple(weight.shape))}
