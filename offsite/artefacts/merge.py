@@ -155,9 +155,8 @@ def merge(spec: MergeSpec) -> dict:
 
 
 def _merge_streaming(spec: MergeSpec, adapter: Adapter, bundle: Bundle, source: Path, signature: str) -> dict:  # fmt: skip
-    names = state_names(
-        source
-    )  # NotStreamable now, before any work, if the files name tensors otherwise
+    # NotStreamable now, before any work, if the files name tensors otherwise than the model
+    names = state_names(source)
     model_type = AutoConfig.from_pretrained(source).model_type
     check_origin(adapter, bundle, model_type, bundle.base_fingerprint)  # ids and blocks, at once
     with ThreadPoolExecutor(1) as pool:  # the model's fingerprint is hashed while the files copy

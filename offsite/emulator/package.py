@@ -177,9 +177,8 @@ def package_streaming(
     model = meta_model(source)
     plan = _plan(spec, num_blocks(model.config))
     check_plan_fits(model, plan)
-    names = state_names(
-        source
-    )  # NotStreamable now if the files name tensors otherwise than the model
+    # NotStreamable now if the files name tensors otherwise than the model
+    names = state_names(source)
     prefix = block_prefix(model.config.model_type)
     position = {src: i for i, src in enumerate(plan.emulator_order)}
     renames = {}
@@ -207,9 +206,8 @@ def package_streaming(
             ):
                 model.generation_config.save_pretrained(tmp)
             write_renamed(source, tmp, dict(sorted(renames.items())))
-            manifest["base_model"]["fingerprint"] = (
-                hashing.result()
-            )  # before the manifest is written
+            # filled in before write_bundle_files writes the manifest
+            manifest["base_model"]["fingerprint"] = hashing.result()
 
     return write_bundle_files(
         write, tokenizer, manifest, spec.out, overwrite=spec.overwrite, signer=signer

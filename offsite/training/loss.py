@@ -83,7 +83,7 @@ def _final_hidden(model: nn.Module, batch: dict[str, torch.Tensor]):
 
     A PEFT soft prompt (prompt tuning) is put in front of the embeddings, as peft's forward does."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = causal_lm_of(model)
     config = getattr(model, "active_peft_config", None)
     if config is None or not config.is_prompt_learning:
         out = causal_lm.base_model(input_ids=ids, attention_mask=mask)
@@ -97,3 +97,8 @@ def _final_hidden(model: nn.Module, batch: dict[str, torch.Tensor]):
         inputs_embeds=torch.cat([prompt, embeds], dim=1), attention_mask=mask
     )
     return out.last_hidden_state, labels, causal_lm
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
