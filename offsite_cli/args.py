@@ -30,7 +30,7 @@ def add_dtype(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=["auto", *sorted(DTYPES)],
         default="auto",
-        help="weights dtype (default auto: the model's own, as stored; GGUF files are dequantised to float32)",
+        help="weights dtype (default auto: the model's own, as stored; a GGUF file loads as bfloat16)",
     )
 
 

@@ -81,7 +81,7 @@ def _run(setting: str, precision: str, args: argparse.Namespace, bundle_dir: str
         else:
             freeze_except_adapter(model, bundle)
     else:
-        model = load_model(args.model)
+        model = load_model(args.model, torch.float32)  # float32 master weights, as measured
         model.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     data = load_data(args.data, tokenizer, args.block_size)

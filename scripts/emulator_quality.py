@@ -15,6 +15,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from offsite.emulator.plan import make_plan
 from offsite.emulator.recipe import EmulatorRecipe, make_emulator
 from offsite.emulator.selection import RULES
@@ -43,7 +45,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/emulator_quality.jsonl")
     a = p.parse_args()
 
-    full = load_model(a.model)
+    full = load_model(a.model, torch.float32)  # as the README's tables
     tok = load_tokenizer(a.model)
     held = load_data(a.heldout, tok, a.block_size)
     held = TokenData(held.examples[: a.eval_sequences], held.source, held.sha256, held.mode)

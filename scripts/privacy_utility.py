@@ -16,6 +16,8 @@ import itertools
 import json
 from pathlib import Path
 
+import torch
+
 from offsite.emulator.layerwise import LayerwiseConfig
 from offsite.emulator.plan import make_plan
 from offsite.emulator.recipe import EmulatorRecipe, make_emulator
@@ -93,7 +95,10 @@ def main() -> None:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    full, tok = load_model(a.model), load_tokenizer(a.model)
+    full, tok = (
+        load_model(a.model, torch.float32),
+        load_tokenizer(a.model),
+    )  # as the README's tables
     task = PerplexityTask.from_files(Path(a.train), Path(a.test), a.block_size, a.eval_sequences)
     cfg = TrainConfig(
         max_steps=a.steps,

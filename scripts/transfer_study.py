@@ -20,6 +20,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from offsite.emulator.layerwise import LayerwiseConfig
 from offsite.emulator.plan import make_plan
 from offsite.emulator.recipe import PUBLIC_SAMPLE, EmulatorRecipe, make_emulator
@@ -151,7 +153,10 @@ def main() -> None:
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    full, tok = load_model(a.model), load_tokenizer(a.model)
+    full, tok = (
+        load_model(a.model, torch.float32),
+        load_tokenizer(a.model),
+    )  # as the README's tables
     full.requires_grad_(False)
     tasks = tasks_for(a.task or ["shakespeare"], a.data_root, None, a.eval_limit, a.train_limit)
     cfg = TrainConfig(

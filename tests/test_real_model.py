@@ -29,6 +29,16 @@ EVAL = [
 ]
 
 
+def _dtypes(directory) -> set[str]:
+    """The dtypes of every tensor in a directory's safetensors files (read from their headers)."""
+    found = set()
+    for path in directory.glob("*.safetensors"):
+        with path.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        found |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    return found
+
+
 def _json(capsys, fn, argv):
     capsys.readouterr()
     assert fn(argv) == 0
@@ -61,6 +71,8 @@ def test_mild_emulator_is_worse_and_a_short_finetune_beats_zero_shot(tmp_path, c
                                "--learning-rate", "2e-4", "--warmup-steps", "2", "--val-fraction", "0"])  # fmt: skip
     _json(capsys, owner, ["merge-adapter", "--model", "smollm2-135m", "--adapter", str(adapter), "--bundle", str(bundle),
                           "--allow-unsigned", "--out", str(merged)])  # fmt: skip
+    for artefact in (bundle, adapter, merged):  # a GGUF source gives bfloat16 artefacts by default
+        assert _dtypes(artefact) == {"BF16"}, artefact
     plug_in = _json(capsys, owner, ["evaluate", "--model", str(merged), *EVAL])["perplexity"]
     print(f"full zero-shot {full:.2f}  emulator zero-shot {emulator:.2f}  plug-in {plug_in:.2f}")
     assert plug_in < full, "fine-tuning through the emulator must help the full model on the domain"

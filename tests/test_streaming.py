@@ -100,4 +100,8 @@ def test_stream_refuses_recipes_that_need_the_whole_model(tokenizer, tmp_path, c
     )
     expect_error(capsys, owner, [*base, "--selection", "uniform", "--layerwise-steps", "0", "--dtype", "float16"],
                  "--dtype converts", tmp_path / "b")  # fmt: skip
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")  # refused before it is read: a GGUF is converted, never streamed
+    expect_error(capsys, owner, [*base, "--model", str(gguf), "--selection", "uniform", "--layerwise-steps", "0"],
+                 "model.gguf is a GGUF file, dequantised to bfloat16", tmp_path / "b")  # fmt: skip
     assert owner([*base, "--selection", "uniform", "--layerwise-steps", "0"]) == 0

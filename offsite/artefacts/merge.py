@@ -91,7 +91,8 @@ def check_origin(adapter: Adapter, bundle: Bundle, model_type: str, fingerprint:
         if value != fingerprint:
             raise VerificationError(
                 f"{where}: the {name} was made for base model {value[:19]}…, not this one "
-                f"({fingerprint[:19]}…); merge it into the model its bundle was made from"
+                f"({fingerprint[:19]}…); merge it into the model its bundle was made from, loaded in the "
+                "same dtype (--dtype)"
             )
     if m["block_prefix"] != block_prefix(model_type):
         raise VerificationError(
@@ -145,8 +146,10 @@ def merge(spec: MergeSpec) -> dict:
     if spec.signer_key is not None:
         signer = adapter.verify_signature(spec.signer_key)
         signature = f"verified: signed by {signer!r} with the key the owner holds for it"
-    source = Path(local_path(resolve_model(spec.model)))
-    if spec.dtype is None and is_sharded_dir(source):
+    resolved = resolve_model(spec.model)
+    source = Path(local_path(resolved))
+    # a GGUF source is converted to bfloat16 (load_model), which needs it loaded
+    if spec.dtype is None and resolved.gguf_file is None and is_sharded_dir(source):
         try:
             return _merge_streaming(spec, adapter, bundle, source, signature)
         except NotStreamable as e:

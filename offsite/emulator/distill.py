@@ -99,6 +99,7 @@ def student_and_loss(
     if not plan.kept:
         raise OffsiteError("the emulator keeps no middle block; nothing to distil")
     student = start if start is not None else build_emulator(full, plan)
+    student = student.float()  # float32 master weights whatever the model's dtype
     student.requires_grad_(False)
     order = list(plan.emulator_order)
     for i in plan.kept:

@@ -25,6 +25,7 @@ the bottom adapter's gradient).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -102,9 +103,23 @@ class _Call:
     kwargs: dict
 
     def run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The block on `x`, every floating input (state, rotary tables, masks) in the block's dtype."""
+        dtype = next(block.parameters()).dtype
+        args, kwargs = _cast((x, *self.args[1:]), dtype), _cast(self.kwargs, dtype)
         if self.args:
-            return _hidden(block(x, *self.args[1:], **self.kwargs))
-        return _hidden(block(**{**self.kwargs, "hidden_states": x}))
+            return _hidden(block(*args, **kwargs))
+        return _hidden(block(**{**kwargs, "hidden_states": args[0]}))
+
+
+def _cast(value, dtype: torch.dtype):
+    """`value` with its floating tensors (also inside tuples, lists and dicts) in `dtype`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    return value
 
 
 @torch.no_grad()
@@ -292,11 +307,15 @@ def _fit_spans(
         targets = [b["out"][e - 1] for b in cache]
         span_blocks = [(full_blocks[i], [b["call"][i] for b in cache]) for i in range(s, e)]
         trivial = e - s == 1 and cfg.inputs == "teacher" and not cfg.noise  # nothing dropped here
+        # a model stored in 16 bits is fitted through a float32 copy of the block (its updates are
+        # far below bfloat16's resolution), then written back in the model's dtype
+        dtype = next(block.parameters()).dtype
+        master = block if dtype == torch.float32 else copy.deepcopy(block).float()
         first, last = (
             (0.0, 0.0)
             if trivial
             else _train_block(
-                block,
+                master,
                 span_blocks,
                 inputs,
                 [b["in"][s] for b in cache],
@@ -307,6 +326,8 @@ def _fit_spans(
                 [(b["gin"][s], b["gout"][e - 1]) for b in cache] if cfg.grad_weight else None,
             )
         )
+        if master is not block:
+            block.load_state_dict(master.state_dict())  # cast back to the model's dtype
         with torch.no_grad():
             chain = [calls[i].run(block, x) for i, x in enumerate(chain)]
             end_error = sum(

@@ -170,7 +170,13 @@ def package_streaming(
 ) -> Bundle:
     """The bundle built tensor by tensor from the model's safetensors files (byte-copied, renamed),
     never the whole model in memory. For recipes that need no forward pass through the full model."""
-    source = Path(local_path(resolve_model(spec.model)))
+    resolved = resolve_model(spec.model)
+    if resolved.gguf_file is not None:
+        raise OffsiteError(
+            f"--stream: {resolved.gguf_file} is a GGUF file, dequantised to bfloat16 when loaded; "
+            "package without --stream"
+        )
+    source = Path(local_path(resolved))
     why = _why_not_streamed(spec, source)
     if why is not None:
         raise OffsiteError(f"--stream: {why}; package without --stream")

@@ -93,6 +93,7 @@ def make_emulator(
         )
     if recipe.distill_data is not None:
         emulator, record["distillation"] = _distil(full, tokenizer, plan, recipe, emulator, on_step)
+        emulator = emulator.to(full.dtype)  # fitted in float32, kept in the model's dtype
         scored_as = None
     emulator = emulator if emulator is not None else build_emulator(full, plan)
     positions = [plan.emulator_order.index(i) for i in plan.kept]

@@ -81,7 +81,10 @@ def evaluate(
     bundle = open_bundle(spec.bundle)
     model = load_model(spec.model, dtype=spec.dtype)
     if model_fingerprint(model) != bundle.base_fingerprint:
-        raise OffsiteError(f"{spec.bundle}: bundle was not made from --model {spec.model}")
+        raise OffsiteError(
+            f"{spec.bundle}: bundle was not made from --model {spec.model} in this dtype "
+            "(pass the --dtype it was packaged with)"
+        )
     tok = load_tokenizer(spec.model)
     results = []
     for task in tasks:

@@ -131,9 +131,18 @@ def local_path(source: ModelSource) -> str:
     return str(target)
 
 
+GGUF_DTYPE = torch.bfloat16  # what a GGUF source loads as unless a dtype is chosen
+
+
 def load_model(spec: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """Load a causal LM from any supported --model spec, checking its architecture is supported."""
-    path = local_path(resolve_model(spec))
+    """Load a causal LM from any supported --model spec, checking its architecture is supported.
+
+    `dtype` None: the model's own dtype as stored; a GGUF file (quantised: its weights fit in 16
+    bits) loads as bfloat16, so bundles, adapters and merged models made from it are bfloat16 too."""
+    source = resolve_model(spec)
+    path = local_path(source)
+    if dtype is None and source.gguf_file is not None:
+        dtype = GGUF_DTYPE
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
