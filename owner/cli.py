@@ -86,8 +86,9 @@ def _add_package(sub) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--stream", action="store_true",
-                   help="build the bundle tensor by tensor from the model's safetensors files (big models; "
-                   "recipes without forward passes: --selection uniform or --emulator-blocks, --layerwise-steps 0)")  # fmt: skip
+                   help="build the bundle from the model's safetensors files, one block in memory at a time (big "
+                   "models): redundancy selection and layer-wise fitting run block by block; similarity selection, "
+                   "distillation, pruning, quantization and --dtype need the whole model and are refused")  # fmt: skip
     add_dtype(p)
     _add_quality(p)
     p.set_defaults(func=cmd_package)

@@ -59,11 +59,10 @@ def test_streamed_bundle_is_sharded_trains_and_merges_back(tokenizer, tmp_path, 
     import offsite.artefacts.shards as shards
 
     source = _save("llama", torch.bfloat16, tmp_path / "full", tokenizer)
-    real = shards.write_renamed
+    real = shards.write_entries
     monkeypatch.setattr(
-        shards, "write_renamed", lambda root, out, renames: real(root, out, renames, 20_000)
+        "offsite.emulator.streamed.write_entries", lambda out, tensors: real(out, tensors, 20_000)
     )
-    monkeypatch.setattr("offsite.emulator.package.write_renamed", shards.write_renamed)
     bundle = package(PackageSpec(out=tmp_path / "b", model=str(source), emulator_layers=2, recipe=FORWARD_FREE,
                                  stream=True))  # fmt: skip
     assert (bundle.path / INDEX).is_file() and len(
@@ -82,6 +81,39 @@ def test_streamed_bundle_is_sharded_trains_and_merges_back(tokenizer, tmp_path, 
     assert merged.dtype == torch.bfloat16 and len(merged.model.layers) == DEPTH
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma2", "gemma3_text", "falcon"])
+def test_streamed_selection_and_layerwise_fitting_equal_the_in_memory_ones(family, dtype, tokenizer, corpus_file, tmp_path):  # fmt: skip
+    """Redundancy selection and layer-wise fitting run one block at a time give the in-memory
+    recipe's blocks and fitted weights."""
+    from offsite.emulator.layerwise import distill_layerwise
+    from offsite.emulator.package import package_emulator
+    from offsite.emulator.plan import make_plan
+    from offsite.emulator.selection import block_stats, select_plan
+    from offsite.training.data import load_data
+
+    source = _save(family, dtype, tmp_path / "full", tokenizer)
+    cfg = LayerwiseConfig(steps=8, learning_rate=3e-3)
+    recipe = EmulatorRecipe(selection_data=corpus_file, block_size=16, layerwise=cfg)
+    streamed = package(PackageSpec(out=tmp_path / "s", model=str(source), emulator_layers=2, recipe=recipe, stream=True))  # fmt: skip
+    full = AutoModelForCausalLM.from_pretrained(source)
+    sample = load_data(corpus_file, tokenizer, 16)
+    plan = select_plan(make_plan(DEPTH, emulator_layers=2), "redundancy", block_stats(full, sample))
+    emulator, _ = distill_layerwise(full, plan, sample, cfg)
+    in_memory = package_emulator(
+        full, tokenizer, plan, tmp_path / "m", base_name="m", emulator=emulator
+    )
+    record = streamed.manifest["emulator_recipe"]
+    assert record["selection"]["kept"] == list(plan.kept) and record["layerwise"]["spans"]
+    assert streamed.base_fingerprint == in_memory.base_fingerprint
+    a = AutoModelForCausalLM.from_pretrained(in_memory.path).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(streamed.path).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert b[k].dtype == dtype
+        assert torch.equal(b[k], a[k]), k
+
+
 def test_stream_refuses_recipes_that_need_the_whole_model(tokenizer, tmp_path, capsys):
     source = _save("llama", torch.float32, tmp_path / "full", tokenizer)
     base = [
@@ -94,10 +126,9 @@ def test_stream_refuses_recipes_that_need_the_whole_model(tokenizer, tmp_path, c
         "2",
         "--stream",
     ]
-    expect_error(capsys, owner, base, "--selection redundancy runs the full model", tmp_path / "b")
-    expect_error(
-        capsys, owner, [*base, "--selection", "uniform"], "layer-wise fitting", tmp_path / "b"
-    )
+    expect_error(capsys, owner, [*base, "--selection", "similarity"], "--selection similarity",
+                 tmp_path / "b")  # fmt: skip
+    expect_error(capsys, owner, [*base, "--layerwise-noise", "0.1"], "layer-wise noise", tmp_path / "b")  # fmt: skip
     expect_error(capsys, owner, [*base, "--selection", "uniform", "--layerwise-steps", "0", "--dtype", "float16"],
                  "--dtype converts", tmp_path / "b")  # fmt: skip
     gguf = tmp_path / "model.gguf"

@@ -73,12 +73,16 @@ def read_header(path: Path) -> tuple[dict, int]:
 
 def tensor_map(root: Path) -> dict[str, Entry]:
     """Every tensor of the model at `root`, by name."""
+    return {name: e for path in weight_files(root) for name, e in file_entries(path).items()}
+
+
+def file_entries(path: Path) -> dict[str, Entry]:
+    """Every tensor of one safetensors file, by name."""
+    header, base = read_header(path)
     entries = {}
-    for path in weight_files(root):
-        header, base = read_header(path)
-        for name, h in header.items():
-            s, e = h["data_offsets"]
-            entries[name] = Entry(path, st_dtype(h["dtype"]), tuple(h["shape"]), base + s, base + e)
+    for name, h in header.items():
+        s, e = h["data_offsets"]
+        entries[name] = Entry(path, st_dtype(h["dtype"]), tuple(h["shape"]), base + s, base + e)
     return entries
 
 
@@ -225,17 +229,13 @@ def load_blocks(root: Path, blocks: list[int]):
     return model
 
 
-def write_renamed(
-    root: Path, out: Path, renames: dict[str, str], max_shard_bytes: int = 5 << 30
-) -> None:
-    """Write into the directory `out` safetensors shards holding the stored tensors of `root`
-    under new names (`renames`: new name -> stored name), byte-copied, with the standard index
-    when there is more than one shard (so plain `from_pretrained` loads them)."""
-    stored = tensor_map(root)
+def write_entries(out: Path, tensors: dict[str, Entry], max_shard_bytes: int = 5 << 30) -> None:
+    """Write into the directory `out` safetensors shards holding `tensors` (name -> where its bytes
+    are), byte-copied, with the standard index when there is more than one shard (so plain
+    `from_pretrained` loads them)."""
     shards: list[dict[str, Entry]] = [{}]
     size = 0
-    for new, old in renames.items():
-        e = stored[old]
+    for new, e in tensors.items():
         if shards[-1] and size + (e.end - e.start) > max_shard_bytes:
             shards.append({})
             size = 0

@@ -96,11 +96,16 @@ def _hidden(output) -> torch.Tensor:
 
 
 @dataclass
-class _Call:
+class BlockCall:
     """How the model called one block on one batch: positional and keyword arguments."""
 
     args: tuple
     kwargs: dict
+
+    @classmethod
+    def of(cls, args: tuple, kwargs: dict) -> BlockCall:
+        """The call as a forward pre-hook sees it, without the state and cache arguments."""
+        return cls(tuple(args), {k: v for k, v in kwargs.items() if k not in _NOT_PASSED})
 
     def run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The block on `x`, every floating input (state, rotary tables, masks) in the block's dtype."""
@@ -152,8 +157,7 @@ def _capture(
             if i in starts:
                 current.setdefault("in", {})[i] = x.detach()
                 keep_grad("gin", i, x)
-            calls = {k: v for k, v in kwargs.items() if k not in _NOT_PASSED}
-            current.setdefault("call", {})[i] = _Call(tuple(args), calls)
+            current.setdefault("call", {})[i] = BlockCall.of(args, kwargs)
             return args, kwargs
 
         return fn
@@ -192,7 +196,7 @@ def _relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     ).mean()
 
 
-def _train_block(
+def fit_block(
     block,
     span_blocks,
     inputs,
@@ -203,7 +207,13 @@ def _train_block(
     gen,
     grads=None,
 ) -> tuple[float, float]:
-    """Fit `block` to the span on the cached batches; returns the mean loss of the first and last steps."""
+    """Fit `block` to the span on the cached batches; returns the mean loss of the first and last steps.
+
+    A block stored in 16 bits is fitted through a float32 copy (most AdamW updates are below
+    bfloat16's resolution), then written back in its own dtype."""
+    stored = block
+    if next(block.parameters()).dtype != torch.float32:
+        block = copy.deepcopy(block).float()
     block.train()
     block.requires_grad_(True)
     opt = torch.optim.AdamW(block.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
@@ -243,8 +253,18 @@ def _train_block(
         losses.append(float(loss.detach()))
     block.requires_grad_(False)
     block.eval()
+    if block is not stored:
+        stored.load_state_dict(block.state_dict())  # cast back
     k = max(1, min(5, len(losses) // 4))
     return sum(losses[:k]) / k, sum(losses[-k:]) / k
+
+
+@torch.no_grad()
+def advance_chain(block, calls, chain, targets) -> tuple[list[torch.Tensor], dict]:
+    """The emulator's chain through the fitted `block`, and its error against the span's output."""
+    chain = [calls[i].run(block, x) for i, x in enumerate(chain)]
+    error = sum(float(_relative_error(c, t)) for c, t in zip(chain, targets, strict=True))
+    return chain, {"chain_error": round(error / len(chain), 5)}
 
 
 def distill_layerwise(
@@ -307,15 +327,11 @@ def _fit_spans(
         targets = [b["out"][e - 1] for b in cache]
         span_blocks = [(full_blocks[i], [b["call"][i] for b in cache]) for i in range(s, e)]
         trivial = e - s == 1 and cfg.inputs == "teacher" and not cfg.noise  # nothing dropped here
-        # a model stored in 16 bits is fitted through a float32 copy of the block (its updates are
-        # far below bfloat16's resolution), then written back in the model's dtype
-        dtype = next(block.parameters()).dtype
-        master = block if dtype == torch.float32 else copy.deepcopy(block).float()
         first, last = (
             (0.0, 0.0)
             if trivial
-            else _train_block(
-                master,
+            else fit_block(
+                block,
                 span_blocks,
                 inputs,
                 [b["in"][s] for b in cache],
@@ -326,15 +342,8 @@ def _fit_spans(
                 [(b["gin"][s], b["gout"][e - 1]) for b in cache] if cfg.grad_weight else None,
             )
         )
-        if master is not block:
-            block.load_state_dict(master.state_dict())  # cast back to the model's dtype
-        with torch.no_grad():
-            chain = [calls[i].run(block, x) for i, x in enumerate(chain)]
-            end_error = sum(
-                float(_relative_error(c, t)) for c, t in zip(chain, targets, strict=True)
-            ) / len(chain)
-        report.append({"block": k, "span": [s, e - 1], "loss_first": round(first, 5), "loss_last": round(last, 5),
-                       "chain_error": round(end_error, 5)})  # fmt: skip
+        chain, row = advance_chain(block, calls, chain, targets)
+        report.append({"block": k, "span": [s, e - 1], "loss_first": round(first, 5), "loss_last": round(last, 5), **row})  # fmt: skip
         if on_block:
             on_block(n + 1, len(table))
     return report

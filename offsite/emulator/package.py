@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,30 +16,18 @@ from offsite.artefacts.bundle import (
     BUNDLE_FORMAT_VERSION,
     Bundle,
     write_bundle,
-    write_bundle_files,
-)
-from offsite.artefacts.shards import (
-    is_sharded_dir,
-    meta_model,
-    state_names,
-    stream_fingerprint,
-    tensor_map,
-    write_renamed,
 )
 from offsite.artefacts.signing import Signer
 from offsite.atomic import check_apart, check_output_dir
-from offsite.emulator.build import build_emulator, check_plan_fits
+from offsite.emulator.build import build_emulator
 from offsite.emulator.plan import SplitPlan, make_plan
 from offsite.emulator.recipe import EmulatorRecipe, make_emulator
-from offsite.errors import OffsiteError
-from offsite.models.architectures import block_prefix, num_blocks, set_blocks
+from offsite.models.architectures import block_prefix, num_blocks
 from offsite.models.fingerprint import model_fingerprint
 from offsite.models.loading import (
     DEFAULT_MODEL,
     load_model,
     load_tokenizer,
-    local_path,
-    resolve_model,
 )
 from offsite.training.loop import StepInfo
 
@@ -116,6 +103,14 @@ class PackageSpec:
     overwrite: bool = False
     stream: bool = False  # build the bundle tensor by tensor from the model's safetensors files
 
+    def plan(self, depth: int) -> SplitPlan:
+        """The split of a `depth`-block model this spec asks for (before any selection)."""
+        return make_plan(
+            depth,
+            adapter_bottom=self.adapter_bottom, adapter_top=self.adapter_top, adapter_blocks=self.adapter_blocks,
+            emulator_layers=self.emulator_layers, drop_ratio=self.drop_ratio, kept_blocks=self.emulator_blocks,
+        )  # fmt: skip
+
 
 def package(
     spec: PackageSpec,
@@ -131,90 +126,13 @@ def package(
     check_apart({"--out": spec.out, "--checkpoint-dir": r.checkpoint_dir}, {"--model": model_dir},
                 {"--selection-data": r.selection_data, "--distill-data": r.distill_data})  # fmt: skip
     if spec.stream:
+        from offsite.emulator.streamed import package_streaming  # it builds on this module
+
         return package_streaming(spec, signer=signer, extra=extra)
     model = load_model(spec.model, dtype=spec.dtype)
     tokenizer = load_tokenizer(spec.model)
-    plan = _plan(spec, num_blocks(model.config))
+    plan = spec.plan(num_blocks(model.config))
     emulator, plan, record = make_emulator(model, tokenizer, plan, spec.recipe, on_step=on_step)
     return package_emulator(model, tokenizer, plan, spec.out, base_name=spec.model, overwrite=spec.overwrite,
                             signer=signer, extra={"emulator_recipe": record, **(extra or {})},
                             emulator=emulator)  # fmt: skip
-
-
-def _plan(spec: PackageSpec, depth: int) -> SplitPlan:
-    return make_plan(
-        depth,
-        adapter_bottom=spec.adapter_bottom, adapter_top=spec.adapter_top, adapter_blocks=spec.adapter_blocks,
-        emulator_layers=spec.emulator_layers, drop_ratio=spec.drop_ratio, kept_blocks=spec.emulator_blocks,
-    )  # fmt: skip
-
-
-def _why_not_streamed(spec: PackageSpec, source: Path) -> str | None:
-    r = spec.recipe
-    needs = [("--selection " + r.selection, r.selection in ("redundancy", "similarity") and spec.emulator_blocks is None),
-             ("layer-wise fitting (--layerwise-steps 0 turns it off)", r.layerwise is not None),
-             ("--distill-data", r.distill_data is not None), ("--prune", bool(r.prune)),
-             ("--quantize-bits", r.quantize_bits is not None)]  # fmt: skip
-    if not is_sharded_dir(source):
-        return f"--model {spec.model} is not a directory of safetensors files"
-    if spec.dtype is not None:
-        return "--dtype converts the weights, which needs them loaded"
-    for name, needed in needs:
-        if needed:
-            return f"{name} runs the full model, which needs it in memory"
-    return None
-
-
-def package_streaming(
-    spec: PackageSpec, *, signer: Signer | None = None, extra: dict | None = None
-) -> Bundle:
-    """The bundle built tensor by tensor from the model's safetensors files (byte-copied, renamed),
-    never the whole model in memory. For recipes that need no forward pass through the full model."""
-    resolved = resolve_model(spec.model)
-    if resolved.gguf_file is not None:
-        raise OffsiteError(
-            f"--stream: {resolved.gguf_file} is a GGUF file, dequantised to bfloat16 when loaded; "
-            "package without --stream"
-        )
-    source = Path(local_path(resolved))
-    why = _why_not_streamed(spec, source)
-    if why is not None:
-        raise OffsiteError(f"--stream: {why}; package without --stream")
-    model = meta_model(source)
-    plan = _plan(spec, num_blocks(model.config))
-    check_plan_fits(model, plan)
-    # NotStreamable now if the files name tensors otherwise than the model
-    names = state_names(source)
-    prefix = block_prefix(model.config.model_type)
-    position = {src: i for i, src in enumerate(plan.emulator_order)}
-    renames = {}
-    for name in tensor_map(source):
-        block, _, rest = name.removeprefix(prefix + ".").partition(".")
-        if not name.startswith(prefix + ".") or not block.isdigit():
-            renames[name] = name
-        elif int(block) in position:
-            renames[f"{prefix}.{position[int(block)]}.{rest}"] = name
-    set_blocks(model, list(plan.emulator_order))  # the emulator's config: depth and per-layer lists
-    record = {"selection": {"strategy": plan.strategy, "kept": list(plan.kept)}, "transfer_score": None,
-              "streamed": "built tensor by tensor; the transfer score needs forward passes and was not measured"}  # fmt: skip
-    manifest = bundle_manifest(
-        model, plan, spec.model, "", {"emulator_recipe": record, **(extra or {})}
-    )
-    tokenizer = load_tokenizer(spec.model)
-
-    def write(tmp: Path) -> None:
-        with ThreadPoolExecutor(1) as pool:  # the full model is hashed while the kept tensors copy
-            hashing = pool.submit(stream_fingerprint, source, names)
-            model.config.save_pretrained(tmp)
-            if (
-                model.generation_config is not None
-                and (source / "generation_config.json").is_file()
-            ):
-                model.generation_config.save_pretrained(tmp)
-            write_renamed(source, tmp, dict(sorted(renames.items())))
-            # filled in before write_bundle_files writes the manifest
-            manifest["base_model"]["fingerprint"] = hashing.result()
-
-    return write_bundle_files(
-        write, tokenizer, manifest, spec.out, overwrite=spec.overwrite, signer=signer
-    )

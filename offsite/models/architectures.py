@@ -191,10 +191,10 @@ def set_blocks(model: nn.Module, kept: list[int]) -> None:
         for module in block.modules():
             if hasattr(module, LAYER_INDEX_ATTR):
                 setattr(module, LAYER_INDEX_ATTR, new_index)
-    _slice_config(model.config, spec, kept)
+    slice_config(model.config, spec, kept)
 
 
-def _slice_config(config, spec: ArchSpec, kept: list[int]) -> None:
+def slice_config(config, spec: ArchSpec, kept: list[int]) -> None:
     depth = int(getattr(config, spec.depth_attr))
     for name in spec.per_layer_lists:
         values = getattr(config, name, None)
