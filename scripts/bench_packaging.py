@@ -5,7 +5,9 @@
 Writes a synthetic LLaMA-style model (random bf16 weights, ~1.6B parameters by default, sharded
 safetensors; made here, no network), then, each in its own process: a plain copy of the model's
 files (the throughput reference), `package --stream` of a half-depth emulator, and the streaming
-merge of an adapter (the bundle's own adapter blocks, perturbed) back into the model. Prints one
+merge of an adapter (the bundle's own adapter blocks, perturbed) back into the model, and
+`package --stream` with the default recipe (redundancy selection and layer-wise fitting, block by
+block; `--fit-steps`, `--fit-sequences`). Prints one
 JSON line: peak RSS of each step against the model's size on disk, throughput against the copy,
 dtypes, and whether the merged tensors are byte-identical to the source's outside the adapter.
 """
@@ -73,13 +75,21 @@ def _step(name: str, work: str, queue) -> None:
     t = time.perf_counter()
     if name == "copy":
         shutil.copytree(w / "model", w / "copy")
-    elif name == "package":
+    elif name.startswith("package"):
+        from offsite.emulator.layerwise import LayerwiseConfig
         from offsite.emulator.package import PackageSpec, package
         from offsite.emulator.recipe import EmulatorRecipe
 
         recipe = EmulatorRecipe(selection="uniform", layerwise=None)
+        out = w / "bundle"
+        if name != "package":  # "package:STEPS:SEQUENCES": the default recipe, block by block
+            steps, sequences = map(int, name.split(":")[1:])
+            recipe, out = (
+                EmulatorRecipe(layerwise=LayerwiseConfig(steps=steps, max_sequences=sequences)),
+                w / "fitted",
+            )
         layers = json.loads((w / "model" / "config.json").read_text())["num_hidden_layers"]
-        package(PackageSpec(out=w / "bundle", model=str(w / "model"), emulator_layers=(layers - 4) // 2,
+        package(PackageSpec(out=out, model=str(w / "model"), emulator_layers=(layers - 4) // 2,
                             recipe=recipe, stream=True))  # fmt: skip
     else:
         from offsite.artefacts.merge import MergeSpec, merge
@@ -155,6 +165,12 @@ def main() -> None:
     p.add_argument(
         "--work", default=None, help="scratch folder (default: a temporary one, removed after)"
     )
+    p.add_argument("--fit-steps", type=int, default=4,
+                   help="also package with the default recipe (redundancy selection, layer-wise fitting of "
+                   "this many steps per block), block by block; 0 skips it")  # fmt: skip
+    p.add_argument(
+        "--fit-sequences", type=int, default=16, help="sample sequences (256 tokens) it fits on"
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
@@ -177,6 +193,11 @@ def main() -> None:
                "package_time_vs_copy": round(packaged["seconds"] / (copy["seconds"] * bundle_bytes / model_bytes), 2),
                "merge_time_vs_copy": round(merged["seconds"] / copy["seconds"], 2),
                **check_merged(work)}  # fmt: skip
+        if args.fit_steps:
+            fitted = _run(f"package:{args.fit_steps}:{args.fit_sequences}", work)
+            out.update({"fitted_steps_per_block": args.fit_steps, "fitted_sequences": args.fit_sequences,
+                        "fitted_seconds": round(fitted["seconds"], 1), "fitted_peak_rss_mib": round(fitted["peak_rss_mib"]),
+                        "fitted_peak_vs_model": round(fitted["peak_rss_mib"] / (model_bytes / 2**20), 3)})  # fmt: skip
         print(json.dumps(out))
 
 
