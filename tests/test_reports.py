@@ -51,3 +51,20 @@ def test_transfer_study_writes_rows_table_and_frontier(tmp_path, monkeypatch):
         for r in rows
     )
     assert (tmp_path / "t" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_realign_study_compares_a_kept_and_a_realigned_emulator(tmp_path, monkeypatch, capsys):
+    from scripts import realign_study
+
+    save_tiny("llama", tmp_path / "model")
+    argv = ["realign_study", "--model", str(tmp_path / "model"), "--steps", "4", "--rounds", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    realign_study.main()
+    rows = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
+    ]
+    by = {(r.get("round"), r.get("arm")): r for r in rows}
+    first = [by[1, "kept"], by[1, "realigned"]]
+    assert first[0]["plug_in"] == first[1]["plug_in"], "round 1: the same emulator and batches"
+    assert "realign_seconds" in first[1] and (2, "realigned") in by and (2, "kept") in by
+    assert set(rows[-1]) == {"full_zero_shot", "full_finetuned"}
