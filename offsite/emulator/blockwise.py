@@ -61,13 +61,12 @@ class BlockwiseModel:
     """The model stored at `root` (safetensors), run block by block."""
 
     def __init__(self, root: Path) -> None:
-        self.root, self.stored, self.names = root, tensor_map(root), state_names(root)
+        self.stored, self.names = tensor_map(root), state_names(root)
         config = AutoConfig.from_pretrained(root)
         self.prefix = block_prefix(config.model_type)
         first = self.names[next(n for n in self.names if n.startswith(self.prefix + "."))]
         self.dtype = getattr(torch, self.stored[first].dtype)
         model = meta_model(root, dtype=self.dtype)
-        self.config = model.config
         self.base_name = arch_spec(config.model_type).blocks.rpartition(".")[0]
         self.blocks = list(get_blocks(model))  # on meta: templates, materialised one at a time
         self._donor = _donor(config, self.dtype)  # buffers that are computed, not stored
@@ -164,7 +163,7 @@ def block_stats_blockwise(model: BlockwiseModel, data: TokenData, *, batch_size:
         for j, x in enumerate(states):
             y = calls[j][i].run(block, x)
             a, b = x[masks[j]].float(), y[masks[j]].float()
-            total += float((1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).double().sum())
+            total += float((1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).sum().double())
             states[j] = y
         redundancy.append(total / tokens)
         del block

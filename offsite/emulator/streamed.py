@@ -11,6 +11,7 @@ directory and copied from there. What needs the whole model at once is refused w
 from __future__ import annotations
 
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -140,7 +141,9 @@ def _renames(stored: dict, prefix: str, position: dict[int, int]) -> dict[str, s
 
 def _fit(blockwise, plan: SplitPlan, sample, recipe, scratch: Path, prefix: str, position) -> dict:
     scratch.mkdir()
+    t0 = time.perf_counter()
     record = distill_layerwise_blockwise(blockwise, plan, sample, recipe.layerwise, save_block_file(scratch, prefix, position))  # fmt: skip
+    record["seconds"] = round(time.perf_counter() - t0, 1)
     record["kept"] = "fitted (streamed: not compared with the plain drop, see transfer_score)"
     return record
 
