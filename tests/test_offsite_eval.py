@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 from tiny import DEPTH, tiny_model
 
@@ -21,14 +22,16 @@ def test_derived_figures_by_hand():
     assert "gap_closed" not in derived({**r, "full_finetuned": None})
 
 
-def test_five_settings_on_a_tiny_model(tokenizer, corpus_file, tmp_path):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_five_settings_on_a_tiny_model(precision, tokenizer, corpus_file, tmp_path):
     full = tiny_model("llama")
     before = {k: v.clone() for k, v in full.state_dict().items()}
     plan = make_plan(DEPTH, emulator_layers=2)
     task = PerplexityTask.from_files(corpus_file, corpus_file, block_size=32, eval_sequences=4)
     phases = []
     r = evaluate_offsite(full, tokenizer, plan, build_emulator(full, plan), task,
-                         TrainConfig(max_steps=4, batch_size=2, learning_rate=5e-3), on_phase=phases.append)  # fmt: skip
+                         TrainConfig(max_steps=4, batch_size=2, learning_rate=5e-3, mixed_precision=precision),
+                         on_phase=phases.append)  # fmt: skip
     for key in (
         "full_zero_shot",
         "emulator_zero_shot",

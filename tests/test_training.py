@@ -142,13 +142,14 @@ def test_bf16_chunked_loss_and_checkpointing_follow_the_float32_curve(
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma2"])
-def test_bf16_stores_frozen_weights_in_bf16_and_follows_the_float32_curve(
+def test_bf16_holds_frozen_weights_in_bf16_and_follows_the_float32_curve(
     family, corpus_file, tokenizer
 ):
-    """Under bf16 autocast the frozen middle is stored in bf16 (half its memory); what trains keeps
+    """Under bf16 autocast the frozen middle is held in bf16 (half its memory); what trains keeps
     float32 master weights, and the loss curve stays the float32 one's."""
     from offsite.models.architectures import get_blocks
     from offsite.training.data import load_data
+    from offsite.training.finetune import hold_frozen_weights
     from offsite.training.loop import train
 
     curves, models = {}, {}
@@ -156,15 +157,14 @@ def test_bf16_stores_frozen_weights_in_bf16_and_follows_the_float32_curve(
         torch.manual_seed(0)
         model = tiny_model(family)
         model.requires_grad_(False)
-        for block in (
-            get_blocks(model)[0],
-            get_blocks(model)[-1],
-        ):  # an adapter around a frozen middle
+        for block in (get_blocks(model)[0], get_blocks(model)[-1]):  # adapter, frozen middle
             block.requires_grad_(True)
-        summary = train(model, load_data(corpus_file, tokenizer, 16), TrainConfig(
-            max_steps=6, batch_size=2, learning_rate=1e-3, save_every=0, mixed_precision=precision), pad_id=0)  # fmt: skip
+        cfg = TrainConfig(max_steps=6, batch_size=2, learning_rate=1e-3, save_every=0, mixed_precision=precision)  # fmt: skip
+        hold_frozen_weights(model, cfg)
+        summary = train(model, load_data(corpus_file, tokenizer, 16), cfg, pad_id=0)
         curves[precision], models[precision] = [h["loss"] for h in summary["history"]], model
     assert max(abs(a - b) / a for a, b in zip(curves["no"], curves["bf16"], strict=True)) < 0.02
     params = list(models["bf16"].parameters())
     assert {p.dtype for p in params if p.requires_grad} == {torch.float32}
     assert {p.dtype for p in params if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in models["no"].parameters()} == {torch.float32}

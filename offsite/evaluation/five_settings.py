@@ -26,7 +26,7 @@ from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import SplitPlan
 from offsite.evaluation.tasks import Task
 from offsite.training.data import TokenData, pad_id_of
-from offsite.training.finetune import make_trainable, trained_adapter
+from offsite.training.finetune import hold_frozen_weights, make_trainable, trained_adapter
 from offsite.training.loop import StepInfo, TrainConfig, train
 
 # The full-model ceiling's learning rate (README: 2e-4 beat 1e-3 and 1e-4 for full fine-tuning).
@@ -123,8 +123,10 @@ def evaluate_offsite(
         student = bundle.load_model(dtype=torch.float32)
     peft = peft.resolved(full.config.model_type) if peft is not None else None
     student, _ = make_trainable(student, bundle, peft)
+    hold_frozen_weights(student, cfg)
     board.phase("fine-tuning the adapter through the emulator")
     summary = train(student, train_data, cfg, pad_id=pad_id_of(tokenizer), on_step=on_step)
+    student = student.float()  # scored outside autocast: one dtype again
     board.r["curves"]["emulator_finetune"] = [h["loss"] for h in summary["history"]]
     board.score("emulator_finetuned", student)
     state, kind = trained_adapter(student, bundle, peft)

@@ -87,6 +87,18 @@ def trained_adapter(model, bundle: Bundle, peft: PeftOptions | None) -> tuple[di
     return delta_state(model, bundle), {"peft": (peft.to_json(), full_config(peft, bundle))}
 
 
+def hold_frozen_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """Under bf16 mixed precision, hold the frozen weights (the emulator's middle, embeddings, the
+    base weights under PEFT) in bf16: autocast multiplies them in bf16 anyway and nothing updates
+    them, so they need no float32 copy (half their memory); what trains keeps float32 master
+    weights. Not under DP-SGD (opacus's per-sample gradients follow the activations' dtype)."""
+    if cfg.mixed_precision != "bf16" or cfg.dp is not None:
+        return
+    for p in model.parameters():
+        if not p.requires_grad and p.dtype == torch.float32:
+            p.data = p.data.to(torch.bfloat16)
+
+
 def finetune_bundle(
     bundle: Bundle,
     job: FinetuneJob,
@@ -110,6 +122,7 @@ def finetune_bundle(
     check_bundle_model(bundle, model)
     options = job.peft.resolved(model.config.model_type) if job.peft else None
     model, n_trainable = make_trainable(model, bundle, options)
+    hold_frozen_weights(model, cfg)
     log.info("training %d adapter parameters on %d examples", n_trainable, len(train_data))
     summary = train(
         model, train_data, cfg, pad_id=pad_id_of(tokenizer), val_data=val_data,

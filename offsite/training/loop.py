@@ -277,15 +277,6 @@ def _after_step(
         acc.wait_for_everyone()
 
 
-def _store_frozen(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Frozen float32 weights stored in the autocast dtype: their matmuls run in it anyway, and
-    nothing updates them, so they need no float32 copy (the emulator's weights: half the memory).
-    What trains keeps float32 master weights."""
-    for p in model.parameters():
-        if not p.requires_grad and p.dtype == torch.float32:
-            p.data = p.data.to(dtype)
-
-
 def train(
     model: torch.nn.Module,
     train_data: TokenData,
@@ -308,8 +299,6 @@ def train(
     per_epoch = _steps_per_epoch(train_data, cfg, acc.num_processes)
     run = _Progress(cfg.max_steps or cfg.epochs * per_epoch)
     trainable, optimizer, scheduler = _optimizer(model, cfg, run.max_steps)
-    if cfg.mixed_precision == "bf16" and cfg.dp is None:
-        _store_frozen(model, torch.bfloat16)
     private = None  # DP-SGD: per-sample clipping and noise instead of plain clipping
     if cfg.dp is not None:
         model, optimizer, private = _privately(model, optimizer, cfg, len(train_data), acc, run.max_steps)  # fmt: skip
