@@ -2,7 +2,9 @@
 
 One model-owner server process, one `owner federate` process and one `data-owner join` process
 per data owner, over gRPC with mutual TLS. Each data owner holds a contiguous slice of the training
-text (a different part of it: non-IID). Afterwards a referee scores, on the held-out text, the
+text (a different part of it: non-IID). The held-out text is --test if given, else the last
+--holdout share of every data owner's slice (so it covers each owner's data equally, as the model
+owner wants a model good for all of them). Afterwards a referee scores, on the held-out text, the
 full model zero-shot, the plug-in after every round, each data owner alone (the same steps on
 its slice alone, no exchange of adapters) and all the slices pooled (the same steps on all of it).
 """
@@ -119,12 +121,31 @@ def referee(
     return rows
 
 
+def held_out_per_owner(text: str, n: int, share: float) -> tuple[list[str], str]:
+    """`text` cut into `n` owners' parts, the last `share` of each part held out: the owners'
+    training texts, and a test text drawn equally from every owner's part (the model owner wants
+    a model good on all of its data owners' data, not on whichever part lies next to the test)."""
+    parts, train, test = slices(text, n), [], []
+    for part in parts:
+        cut = int(len(part) * (1 - share))
+        while cut < len(part) and not part[cut].isspace():
+            cut += 1
+        train.append(part[:cut])
+        test.append(part[cut:])
+    return train, "\n".join(test)
+
+
 def run(a: argparse.Namespace, task) -> None:
     """The federated simulation; prints the table and writes WORKDIR/results/federated.{json,md}."""
     from offsite.evaluation.tasks import PerplexityTask
+    from offsite.training.data import read_text
 
     if not isinstance(task, PerplexityTask) or not 2 <= a.data_owners <= len(NAMES) or a.rounds < 1:
         fail(f"--data-owners takes a text task, 2 to {len(NAMES)} data owners and --rounds >= 1")
+    parts = slices(task.train_text, a.data_owners)
+    if a.test is None and not a.task:  # one text: every owner's part gives its share of the test
+        parts, test_text = held_out_per_owner(read_text(Path(a.train)), a.data_owners, a.holdout)
+        task = PerplexityTask(task.name, "".join(parts), test_text, task.block_size, a.eval_limit)
     work = Path(a.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -137,7 +158,7 @@ def run(a: argparse.Namespace, task) -> None:
     )
     with Phase(f"model owner: keys, enrol {', '.join(names)}, package the base bundle"):
         cli("owner", "init", "--home", str(home))
-        for name, part in zip(names, slices(task.train_text, len(names)), strict=True):
+        for name, part in zip(names, parts, strict=True):
             (work / name).mkdir()
             (work / name / "train.txt").write_text(part, encoding="utf-8")
             cli(

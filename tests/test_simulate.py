@@ -48,7 +48,7 @@ def test_federated_simulation_runs_rounds_over_the_exchange(tmp_path, corpus_fil
     save_tiny("llama", tmp_path / "model")
     work = tmp_path / "work"
     argv = [sys.executable, "-m", "scripts.simulate", "--model", str(tmp_path / "model"), "--train", str(corpus_file),
-            "--test", str(corpus_file), "--emulator-layers", "2", "--selection", "uniform", "--layerwise-steps", "0",
+            "--holdout", "0.3", "--emulator-layers", "2", "--selection", "uniform", "--layerwise-steps", "0",
             "--steps", "2", "--block-size", "16", "--eval-limit", "4", "--data-owners", "3", "--rounds", "2",
             "--workdir", str(work)]  # fmt: skip
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -65,3 +65,16 @@ def test_federated_simulation_runs_rounds_over_the_exchange(tmp_path, corpus_fil
     for name in ("alice", "bob", "carol"):
         done_rounds = json.loads((work / name / "rounds" / "join.json").read_text())
         assert [d["status"] for d in done_rounds] == ["verified", "verified"]
+
+
+def test_each_data_owner_gives_its_share_of_the_held_out_text():
+    from scripts.federated import held_out_per_owner
+
+    text = " ".join(f"w{i}" for i in range(3000))
+    train, test = held_out_per_owner(text, 3, 0.1)
+    assert len(train) == 3 and all(part.strip() for part in train)
+    pieces = test.split("\n")
+    assert len(pieces) == 3 and all(0.05 < len(p) / len(text) * 3 < 0.15 for p in pieces)
+    for part, piece in zip(train, pieces, strict=True):  # each owner's piece is the tail of its part
+        assert (part + piece).strip() in text
+    assert not set(" ".join(train).split()) & set(test.split()), "nothing held out is trained on"
