@@ -61,7 +61,8 @@ def test_federated_simulation_runs_rounds_over_the_exchange(tmp_path, corpus_fil
         "federated, after round 1",
         "federated, after round 2",
     ]
-    assert settings[-1] == "pooled data" and len(settings) == 7
+    assert settings[-2:] == ["pooled data", "pooled data, the federation's total steps"]
+    assert len(settings) == 8 and "gain_vs_pooled_same_total_steps" in result
     for name in ("alice", "bob", "carol"):
         done_rounds = json.loads((work / name / "rounds" / "join.json").read_text())
         assert [d["status"] for d in done_rounds] == ["verified", "verified"]
@@ -75,6 +76,8 @@ def test_each_data_owner_gives_its_share_of_the_held_out_text():
     assert len(train) == 3 and all(part.strip() for part in train)
     pieces = test.split("\n")
     assert len(pieces) == 3 and all(0.05 < len(p) / len(text) * 3 < 0.15 for p in pieces)
-    for part, piece in zip(train, pieces, strict=True):  # each owner's piece is the tail of its part
+    for part, piece in zip(
+        train, pieces, strict=True
+    ):  # each owner's piece is the tail of its part
         assert (part + piece).strip() in text
     assert not set(" ".join(train).split()) & set(test.split()), "nothing held out is trained on"
