@@ -25,11 +25,16 @@ from offsite.artefacts.bundle import open_bundle
 from offsite.artefacts.peft_delta import PeftOptions, attach
 from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import make_plan
+from offsite.evaluation.five_settings import FULL_LEARNING_RATE
 from offsite.models.architectures import block_matmuls, num_blocks
 from offsite.models.flops import finetune_flops_per_token
 from offsite.models.loading import load_model, load_tokenizer
 from offsite.training.data import load_data, pad_id_of
-from offsite.training.finetune import freeze_except_adapter
+from offsite.training.finetune import (
+    ADAPTER_LEARNING_RATE,
+    freeze_except_adapter,
+    hold_frozen_weights,
+)
 from offsite.training.loop import TrainConfig, train
 from scripts.memory import peak_rss_mib
 
@@ -84,8 +89,14 @@ def _run(setting: str, precision: str, args: argparse.Namespace, bundle_dir: str
         model.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     data = load_data(args.data, tokenizer, args.block_size)
-    cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=1e-5, save_every=0,
+    # each at the rate it trains at (the loss curves compare precisions; the speed does not depend on it)
+    lr = FULL_LEARNING_RATE if setting == "full" else ADAPTER_LEARNING_RATE
+    cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=lr, save_every=0,
                       mixed_precision=precision, gradient_checkpointing=setting.endswith("_ckpt"))  # fmt: skip
+    if setting.startswith("offsite"):
+        hold_frozen_weights(
+            model, cfg
+        )  # as data-owner finetune does (bf16: the frozen weights in bf16)
     times: list[float] = []
     summary = train(model, data, cfg, pad_id=pad_id_of(tokenizer),
                     on_step=lambda info: times.append(time.perf_counter()))  # fmt: skip
