@@ -119,7 +119,10 @@ class BlockwiseModel:
 def _donor(config, dtype: torch.dtype) -> nn.Module:
     """A model of one block per kind, built for real (weights left uninitialised): the source of
     the buffers that modules compute when they are built (rotary frequencies, position tables)."""
-    from transformers.initialization import no_init_weights
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older 5.x releases kept it here
+        from transformers.modeling_utils import no_init_weights
 
     spec = arch_spec(config.model_type)
     kinds = [getattr(config, name, None) for name in spec.per_layer_lists]
