@@ -17,7 +17,13 @@ from pathlib import Path
 
 import torch
 
-from offsite.artefacts.adapter import Adapter, open_adapter, save_adapter, verify_adapter_for_bundle
+from offsite.artefacts.adapter import (
+    Adapter,
+    open_adapter,
+    remap_blocks,
+    save_adapter,
+    verify_adapter_for_bundle,
+)
 from offsite.artefacts.bundle import Bundle, open_bundle, write_bundle_files
 from offsite.artefacts.shards import copy_with
 from offsite.artefacts.signing import Signer
@@ -164,10 +170,7 @@ def write_round_bundle(base: Bundle, state: dict[str, torch.Tensor] | None, out:
     """`base` with its adapter blocks replaced by `state` (full-model names), re-signed, atomically."""
     prefix = base.manifest["base_model"]["block_prefix"]
     position = dict(zip(base.adapter_sources, base.adapter_positions, strict=True))
-    replacements = {}
-    for name, value in (state or {}).items():
-        block, rest = name.removeprefix(prefix + ".").split(".", 1)
-        replacements[f"{prefix}.{position[int(block)]}.{rest}"] = value
+    replacements = remap_blocks(state or {}, prefix, position)
     manifest = {k: v for k, v in base.manifest.items() if k != "files"} | extra
     return write_bundle_files(lambda tmp: copy_with(base.path, tmp, replacements), None, manifest, out,
                               overwrite=True, signer=signer)  # fmt: skip
