@@ -15,7 +15,7 @@ from offsite.artefacts.bundle import Bundle, check_bundle_model, open_bundle
 from offsite.artefacts.signing import Signer, load_private
 from offsite.errors import OffsiteError
 from offsite.exchange.credentials import Credentials, load_credentials
-from offsite.training.finetune import FinetuneJob, finetune_bundle
+from offsite.training.finetune import FinetuneJob, finetune_bundle, round_schedule
 from offsite_cli.args import add_dp, add_eval, add_peft, add_training, peft_options, train_config
 from offsite_cli.progress import TrainingBar, perplexity_with_bar
 from offsite_cli.runner import make_parser, print_json, run, subparsers
@@ -143,11 +143,12 @@ def cmd_join(args: argparse.Namespace) -> None:
 
     def train(bundle: Bundle, out: Path) -> Path:
         creds.check_bundle(bundle)  # signed by the owner we enrolled with, issued to us
+        round_cfg = round_schedule(cfg, bundle) if args.round_schedule == "continue" else cfg
         job = FinetuneJob(data=Path(args.data), out=out, block_size=args.block_size,
                           val_fraction=args.val_fraction, overwrite=True)  # fmt: skip
         bar = TrainingBar(f"round {out.name}")
         try:
-            return finetune_bundle(bundle, job, cfg, on_step=bar, signer=signer).path
+            return finetune_bundle(bundle, job, round_cfg, on_step=bar, signer=signer).path
         finally:
             bar.close()
 
@@ -202,6 +203,13 @@ def _add_join(sub) -> None:
         type=float,
         default=3600.0,
         help="give up after this long without a new bundle (default 3600)",
+    )
+    p.add_argument(
+        "--round-schedule",
+        choices=("continue", "restart"),
+        default="continue",
+        help="continue: one learning-rate schedule over all the federation's rounds (warm-up in "
+        "round 0, decay to the last); restart: each round its own full schedule (default continue)",
     )
     add_training(p)
     add_dp(p)

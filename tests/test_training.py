@@ -103,6 +103,37 @@ def test_invalid_training_config(kwargs, message):
         TrainConfig(**kwargs)
 
 
+def test_a_schedule_part_continues_the_whole_schedule(corpus_file, tokenizer):
+    """Federated round i of n: its learning rates are steps i*k .. i*k+k-1 of one schedule over n*k."""
+    from offsite.training.data import load_data
+    from offsite.training.loop import train
+
+    data = load_data(corpus_file, tokenizer, 16)
+
+    def rates(steps, part):
+        lrs = []
+        cfg = TrainConfig(max_steps=steps, batch_size=2, learning_rate=1e-3, warmup_steps=2, save_every=0,
+                          schedule_part=part)  # fmt: skip
+        train(tiny_model("llama"), data, cfg, pad_id=0, on_step=lambda i: lrs.append(i.learning_rate))
+        return lrs
+
+    whole = rates(9, (0, 1))
+    assert [rates(3, (i, 3)) for i in range(3)] == [whole[0:3], whole[3:6], whole[6:9]]
+    assert whole[-1] == 0 and max(whole) == 1e-3
+
+
+def test_a_federated_bundle_sets_the_round_schedule():
+    from types import SimpleNamespace
+
+    from offsite.training.finetune import round_schedule
+
+    federated = SimpleNamespace(manifest={"federation": {"name": "f", "round": 2, "rounds": 5}})
+    assert round_schedule(TrainConfig(), federated).schedule_part == (2, 5)
+    assert round_schedule(TrainConfig(), SimpleNamespace(manifest={})) == TrainConfig()
+    with pytest.raises(OffsiteError, match="schedule part 5 of 5"):
+        TrainConfig(schedule_part=(5, 5))
+
+
 def test_claim_tolerates_another_process_writing_the_marker(tmp_path):
     """torchrun: a second process finding the first's marker half-written is not 'someone else's files'."""
     root = tmp_path / "ckpt"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -85,6 +85,15 @@ def trained_adapter(model, bundle: Bundle, peft: PeftOptions | None) -> tuple[di
         trained = "bias" if peft else "all"
         return extract_adapter(model, bundle, trained), {"trained": trained}
     return delta_state(model, bundle), {"peft": (peft.to_json(), full_config(peft, bundle))}
+
+
+def round_schedule(cfg: TrainConfig, bundle: Bundle) -> TrainConfig:
+    """For a federated round's bundle (round i of n), `cfg` with its learning-rate schedule laid
+    over all n rounds: round i continues where round i-1 left off. Any other bundle: `cfg`."""
+    federation = bundle.manifest.get("federation")
+    if not isinstance(federation, dict):
+        return cfg
+    return replace(cfg, schedule_part=(int(federation["round"]), int(federation["rounds"])))
 
 
 def hold_frozen_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
