@@ -114,7 +114,9 @@ def test_a_schedule_part_continues_the_whole_schedule(corpus_file, tokenizer):
         lrs = []
         cfg = TrainConfig(max_steps=steps, batch_size=2, learning_rate=1e-3, warmup_steps=2, save_every=0,
                           schedule_part=part)  # fmt: skip
-        train(tiny_model("llama"), data, cfg, pad_id=0, on_step=lambda i: lrs.append(i.learning_rate))
+        train(
+            tiny_model("llama"), data, cfg, pad_id=0, on_step=lambda i: lrs.append(i.learning_rate)
+        )
         return lrs
 
     whole = rates(9, (0, 1))

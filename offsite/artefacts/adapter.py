@@ -76,13 +76,21 @@ class Adapter:
 
 
 def remap_blocks(
-    state: dict[str, torch.Tensor], prefix: str, mapping: dict[int, int]
+    state: dict[str, torch.Tensor],
+    prefix: str,
+    mapping: dict[int, int],
+    *,
+    keep_others: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Rename '<prefix>.<i>.rest' to '<prefix>.<mapping[i]>.rest'; keys outside `mapping` are an error."""
+    """Rename '<prefix>.<i>.rest' to '<prefix>.<mapping[i]>.rest'. A key in a block outside
+    `mapping` is an error; so is a key outside the blocks, unless `keep_others` (kept as it is)."""
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$")
     out = {}
     for key, value in state.items():
         m = pattern.match(key)
+        if not m and keep_others:
+            out[key] = value
+            continue
         if not m or int(m.group(1)) not in mapping:
             raise VerificationError(f"tensor {key} is not in an adapter block")
         out[f"{prefix}.{mapping[int(m.group(1))]}.{m.group(2)}"] = value

@@ -29,7 +29,7 @@ from peft import (
 )
 from transformers import PreTrainedModel
 
-from offsite.artefacts.adapter import PEFT_CONFIG, Adapter
+from offsite.artefacts.adapter import PEFT_CONFIG, Adapter, remap_blocks
 from offsite.artefacts.bundle import Bundle
 from offsite.artefacts.shards import load_blocks, meta_model
 from offsite.artefacts.tensorcheck import TensorSpec, check_spec, dtype_name, load_checked, spec_of
@@ -134,26 +134,18 @@ def attach(model: PreTrainedModel, options: PeftOptions, layers: list[int]):
         raise OffsiteError(f"--peft {options.method}: {str(e).splitlines()[0]}") from None
 
 
-def _remap(
-    state: dict[str, torch.Tensor], blocks: str, mapping: dict[int, int]
-) -> dict[str, torch.Tensor]:
-    """Rename peft's 'base_model.model.<blocks>.<i>.' keys through `mapping` (prompts have none)."""
-    pattern = re.compile(rf"^(base_model\.model\.{re.escape(blocks)}\.)(\d+)\.")
-    out = {}
-    for key, value in state.items():
-        m = pattern.match(key)
-        if m:
-            key = f"{m.group(1)}{mapping[int(m.group(2))]}.{key[m.end() :]}"
-        out[key] = value
-    return out
-
-
 def delta_state(peft_model, bundle: Bundle) -> dict[str, torch.Tensor]:
     """The trained PEFT delta of an emulator, keyed by the full model's names."""
+    state = _to_full_names(get_peft_model_state_dict(peft_model), bundle)
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def _to_full_names(state: dict[str, torch.Tensor], bundle: Bundle) -> dict[str, torch.Tensor]:
+    """peft's 'base_model.model.<blocks>.<i>.' keys renamed from emulator to full-model blocks
+    (a soft prompt's key has no block and stays)."""
     blocks = bundle.manifest["base_model"]["block_prefix"]
-    state = get_peft_model_state_dict(peft_model)
     mapping = dict(zip(bundle.adapter_positions, bundle.adapter_sources, strict=True))
-    return {k: v.detach().cpu().contiguous() for k, v in _remap(state, blocks, mapping).items()}
+    return remap_blocks(state, f"base_model.model.{blocks}", mapping, keep_others=True)
 
 
 def full_config(options: PeftOptions, bundle: Bundle) -> dict:
@@ -176,9 +168,7 @@ def expected_delta_spec(options: PeftOptions, bundle: Bundle) -> TensorSpec:
     if options.method == "prompt":  # peft would copy it to the CPU to save it: not on meta
         weight = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight
         return {"prompt_embeddings": (dtype_name(weight.dtype), tuple(weight.shape))}
-    state = get_peft_model_state_dict(peft_model)
-    mapping = dict(zip(bundle.adapter_positions, bundle.adapter_sources, strict=True))
-    return spec_of(_remap(state, bundle.manifest["base_model"]["block_prefix"], mapping))
+    return spec_of(_to_full_names(get_peft_model_state_dict(peft_model), bundle))
 
 
 def _check_config(shipped_path: Path, expected: dict) -> None:
