@@ -22,7 +22,7 @@ from offsite.emulator.layerwise import LayerwiseConfig
 from offsite.emulator.plan import make_plan
 from offsite.emulator.recipe import EmulatorRecipe, make_emulator
 from offsite.emulator.selection import RULES
-from offsite.evaluation.five_settings import derived, evaluate_offsite
+from offsite.evaluation.five_settings import evaluate_offsite
 from offsite.evaluation.tasks import PerplexityTask
 from offsite.models.architectures import num_blocks
 from offsite.models.loading import load_model, load_tokenizer
@@ -124,14 +124,11 @@ def main() -> None:
             emulator, plan, info = make_emulator(
                 full, tok, make_plan(num_blocks(full.config), emulator_layers=k), recipe
             )
-            r = evaluate_offsite(full, tok, plan, emulator, task, cfg, full_finetune=full_ft is None and not a.no_full_finetune,
-                                 full_learning_rate=a.full_learning_rate,
+            # same task, same batches: the ceiling is measured once
+            r = evaluate_offsite(full, tok, plan, emulator, task, cfg, full_finetune=not a.no_full_finetune,
+                                 full_learning_rate=a.full_learning_rate, ceiling=full_ft,
                                  on_phase=lambda s, k=k: print(f"[kept {k}] {s}", flush=True))  # fmt: skip
-            if full_ft is None and r["full_finetuned"] is not None:
-                full_ft = r["full_finetuned"]
-            elif full_ft is not None:  # same task, same batches: the ceiling is measured once
-                r.update(full_finetuned=full_ft)
-                r.update(derived(r))
+            full_ft = r["full_finetuned"]
             rows.append(
                 {"kept": k, "recipe": name, "selection": a.selection, "emulator": info, **r}
             )

@@ -26,7 +26,7 @@ from offsite.emulator.layerwise import LayerwiseConfig
 from offsite.emulator.plan import make_plan
 from offsite.emulator.recipe import PUBLIC_SAMPLE, EmulatorRecipe, make_emulator
 from offsite.emulator.transfer import transfer_score
-from offsite.evaluation.five_settings import derived, evaluate_offsite
+from offsite.evaluation.five_settings import evaluate_offsite
 from offsite.evaluation.specs import data_root, load_task
 from offsite.evaluation.tasks import PerplexityTask, build_task
 from offsite.models.architectures import num_blocks
@@ -180,11 +180,8 @@ def main() -> None:
             flush=True,
         )
         for task in tasks:
-            r = evaluate_offsite(full, tok, plan, emulator, task, cfg, full_finetune=task.name not in ceilings,
-                                 full_learning_rate=a.full_learning_rate)  # fmt: skip
-            if task.name in ceilings:
-                r["full_finetuned"] = ceilings[task.name]
-                r.update(derived(r))
+            r = evaluate_offsite(full, tok, plan, emulator, task, cfg, full_learning_rate=a.full_learning_rate,
+                                 ceiling=ceilings.get(task.name))  # fmt: skip
             ceilings[task.name] = r["full_finetuned"]
             row = {"recipe": spec, "build_s": round(seconds, 1), "transfer": score, "kept": list(plan.kept),
                    "adapter": list(plan.adapter), "record": record, **{k: v for k, v in r.items() if k != "curves"}}  # fmt: skip

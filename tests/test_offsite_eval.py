@@ -50,3 +50,10 @@ def test_five_settings_on_a_tiny_model(precision, tokenizer, corpus_file, tmp_pa
     assert all(torch.equal(v, before[k]) for k, v in full.state_dict().items()), (
         "the full model is left as it was"
     )
+    if precision == "no":  # a known ceiling is used as it is, not measured again
+        again = evaluate_offsite(full, tokenizer, plan, build_emulator(full, plan), task,
+                                 TrainConfig(max_steps=4, batch_size=2, learning_rate=5e-3),
+                                 ceiling=r["full_finetuned"], on_phase=phases.append)  # fmt: skip
+        assert phases[-1] != "full-model fine-tuning" and "full_finetune" not in again["curves"]
+        assert again["full_finetuned"] == r["full_finetuned"]
+        assert math.isclose(again["gap_closed"], r["gap_closed"])

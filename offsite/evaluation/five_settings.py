@@ -100,6 +100,7 @@ def evaluate_offsite(
     *,
     full_finetune: bool = True,
     full_learning_rate: float | None = None,
+    ceiling: float | None = None,
     on_phase: Callable[[str], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     peft: PeftOptions | None = None,
@@ -110,6 +111,8 @@ def evaluate_offsite(
 
     `cfg` trains the adapter, and the full-model ceiling on the same batches but at
     `full_learning_rate` (default `cfg`'s): the two want different rates, and each should get its best.
+    `ceiling`: that ceiling as already measured on this task and these batches (a study comparing
+    emulators measures it once), used instead of fine-tuning the full model again.
     """
     full_cfg = replace(cfg, learning_rate=full_learning_rate or cfg.learning_rate)
     board = Scoreboard(task, tokenizer, on_phase)
@@ -137,7 +140,9 @@ def evaluate_offsite(
         plug_adapter(plugged, state)
     board.score("plug_in", plugged)
     del plugged, student
-    if full_finetune:
+    if ceiling is not None:
+        board.r["full_finetuned"] = ceiling
+    elif full_finetune:
         board.full_finetune(full, train_data, full_cfg, on_step)
     return board.result(steps=cfg.max_steps, train_examples=len(train_data), learning_rate=cfg.learning_rate,
                         full_learning_rate=full_cfg.learning_rate, peft=peft.to_json() if peft else None,
