@@ -249,7 +249,7 @@ def test_bitfit_returns_and_merges_only_the_adapter_blocks_biases(family, tokeni
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", [None, "lora", "ia3"])
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma2", "gpt_neox"])
 def test_streaming_merge_equals_the_in_memory_merge(family, method, dtype, tokenizer, tmp_path):
     from offsite.artefacts.shards import tensor_map
 

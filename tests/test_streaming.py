@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from helpers import expect_error
-from tiny import CORPUS, DEPTH, tiny_model
+from tiny import CORPUS, DEPTH, FAMILIES, tiny_model
 from transformers import AutoModelForCausalLM
 
 from offsite.artefacts.bundle import MANIFEST_NAME
@@ -30,7 +30,7 @@ def _save(family, dtype, path, tokenizer):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma2", "phi3", "bloom"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma2", "phi3", "bloom", "gpt_neox"])
 def test_streaming_package_equals_the_in_memory_one(family, dtype, tokenizer, tmp_path):
     source = _save(family, dtype, tmp_path / "full", tokenizer)
     bundles = {}
@@ -82,7 +82,7 @@ def test_streamed_bundle_is_sharded_trains_and_merges_back(tokenizer, tmp_path, 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma2", "gemma3_text", "falcon"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_streamed_selection_and_layerwise_fitting_equal_the_in_memory_ones(family, dtype, tokenizer, corpus_file, tmp_path):  # fmt: skip
     """Redundancy selection and layer-wise fitting run one block at a time give the in-memory
     recipe's blocks and fitted weights."""

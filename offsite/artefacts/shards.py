@@ -12,7 +12,7 @@ import hashlib
 import json
 import shutil
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,21 +112,49 @@ def load_tensor(entry: Entry) -> torch.Tensor:
 
 def state_names(root: Path) -> dict[str, str]:
     """Every state-dict name of the model at `root` -> the stored tensor that holds it (tied
-    weights are stored once and named twice). Raises if a state-dict entry is nowhere on disk."""
+    weights are stored once and named twice; a name the family's checkpoints keep from older
+    versions, such as GPT-NeoX's `embed_out`, through transformers' own renaming when it loads).
+    Raises if a state-dict entry is nowhere on disk."""
     model = meta_model(root)
     stored = tensor_map(root)
+    loaded = _loaded_names(model, root)
+    as_loaded = {loaded(name): name for name in stored}
     by_object: dict[int, list[str]] = {}
     for name, value in model.state_dict(keep_vars=True).items():
         by_object.setdefault(id(value), []).append(name)
     out: dict[str, str] = {}
     for names in by_object.values():
-        held = [n for n in names if n in stored]
+        held = [as_loaded[n] for n in names if n in as_loaded]
         if not held:
             raise NotStreamable(f"{root}: {names[0]} is not stored under that name")
         out.update({n: held[0] for n in names})
     if set(stored) - set(out.values()):
         raise NotStreamable(f"{root}: stores tensors the model does not name")
     return out
+
+
+def _loaded_names(model, root: Path) -> Callable[[str], str]:
+    """The model's name for a stored tensor: transformers' renamings for the family (names only:
+    a tensor it converts when loading, or a renamed block tensor, is not streamable, since the
+    bundle copies blocks by their stored names)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without load-time renaming: names are as stored
+        return lambda stored: stored
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    others = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    prefix = block_prefix(model.config.model_type) + "."
+
+    def loaded(stored: str) -> str:
+        name, converted = rename_source_key(stored, renamings, others)
+        in_blocks = prefix in (name[: len(prefix)], stored[: len(prefix)])
+        if converted is not None or (name != stored and in_blocks):
+            raise NotStreamable(f"{root}: {stored} is converted when the model loads")
+        return name
+
+    return loaded
 
 
 def stream_fingerprint(root: Path, names: dict[str, str] | None = None) -> str:

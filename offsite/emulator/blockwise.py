@@ -131,7 +131,13 @@ def _donor(config, dtype: torch.dtype) -> nn.Module:
     one = copy.deepcopy(config)
     slice_config(one, spec, first)
     with no_init_weights():
-        return AutoModelForCausalLM.from_config(one, dtype=dtype)
+        donor = AutoModelForCausalLM.from_config(one, dtype=dtype)
+    # from_pretrained computes such tables again once it has loaded, outside the model's dtype
+    # (GPT-J's position table: built in bf16 it differs from the loaded model's)
+    for module in donor.modules():
+        if module._non_persistent_buffers_set and not list(module.parameters(recurse=False)):
+            donor._init_weights(module)
+    return donor
 
 
 def _load(module: nn.Module, stored: Callable[[str], torch.Tensor], donor: nn.Module) -> None:
