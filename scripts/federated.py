@@ -62,7 +62,8 @@ def _run_rounds(
             procs.append(subprocess.Popen([sys.executable, "-m", "data_owner.cli", "join", "--server", address,
                                            "--credentials", str(d / "credentials.json"), "--rounds", str(a.rounds),
                                            "--data", str(d / "train.txt"), "--work", str(d / "rounds"), "--poll", "1",
-                                           *_train_flags(a, block)], stdout=subprocess.DEVNULL))  # fmt: skip
+                                           "--round-schedule", a.round_schedule, *_train_flags(a, block)],
+                                          stdout=subprocess.DEVNULL))  # fmt: skip
         while any(proc.poll() is None for proc in procs):  # a party that fails stops the simulation
             _check(procs)
             time.sleep(1)

@@ -201,6 +201,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="with --data-owners: each data owner trains under DP",
     )
+    p.add_argument(
+        "--round-schedule",
+        choices=("continue", "restart"),
+        default="continue",
+        help="with --data-owners: data-owner join's --round-schedule (default continue)",
+    )
     a = p.parse_args(argv)
     if a.test is None and a.train == str(SAMPLES / "shakespeare-train.txt"):
         a.test = str(SAMPLES / "shakespeare-test.txt")
