@@ -18,7 +18,7 @@ from offsite.emulator.plan import make_plan
 from offsite.exchange.federation import AGGREGATE, FederationSpec, advance, fedavg, round_dir, start
 from offsite.exchange.home import enroll
 from offsite.models.loading import load_model, load_tokenizer
-from offsite.training.finetune import FinetuneJob, finetune_bundle
+from offsite.training.finetune import FinetuneJob, finetune_bundle, round_schedule
 from offsite.training.loop import TrainConfig
 from offsite.transport.client import connect
 from offsite.transport.join import join
@@ -50,8 +50,10 @@ def fed(tmp_path):
 def _train(creds, steps):
     def train(bundle, out):
         job = FinetuneJob(out.parent.parent / "d.txt", out, block_size=16, val_fraction=0.0)
-        cfg = TrainConfig(max_steps=steps, batch_size=2, learning_rate=1e-2)
-        return finetune_bundle(bundle, job, cfg, signer=signer_of(creds)).path
+        cfg = TrainConfig(max_steps=steps, batch_size=2, learning_rate=1e-2)  # as `join` trains:
+        return finetune_bundle(
+            bundle, job, round_schedule(cfg, bundle), signer=signer_of(creds)
+        ).path
 
     return train
 
@@ -112,6 +114,14 @@ def test_rounds_close_at_quorum_record_stragglers_and_survive_restarts(fed):
                     client, 2, root / f"work-{name}", _train(creds[name], 1), poll_s=0.1, wait_s=5
                 )
             assert [d["round"] for d in done] == [0, 1] and done[0] == joined[name][0]
+            trained = [
+                open_adapter(root / f"work-{name}" / f"round-{r}").manifest["training"]
+                for r in (0, 1)
+            ]
+            assert [t["config"]["schedule_part"] for t in trained] == [
+                [0, 2],
+                [1, 2],
+            ]  # one schedule
         final = advance(home, "f1")
     assert final["state"] == "finished" and final["round"] == 1
     assert advance(home, "f1")["state"] == "finished"
