@@ -66,6 +66,47 @@ def test_dp_finetune_reports_opacus_epsilon_and_the_merge_records_it(flow, peft)
     assert record["differential_privacy"]["epsilon"] == report["epsilon"]
 
 
+def test_dp_noise_and_batch_order_cannot_be_rebuilt_from_the_seed(flow, monkeypatch):
+    """--seed is in the signed manifest: under DP neither the noise nor which records a step drew
+    may follow from it (else the owner could subtract the noise), so two runs with one seed differ;
+    the secret order is kept in the local checkpoint only, so a resumed run keeps drawing from it."""
+    from safetensors.torch import load_file
+
+    import offsite.training.loop as loop
+    from offsite.artefacts.adapter import WEIGHTS_NAME
+    from offsite.artefacts.bundle import open_bundle
+
+    orders = []
+    real = loop._micro_batches
+    monkeypatch.setattr(
+        loop,
+        "_micro_batches",
+        lambda data, order, *a: orders.append(order.seed) or real(data, order, *a),
+    )
+    cfg = TrainConfig(max_steps=3, batch_size=2, learning_rate=1e-3, save_every=2, seed=7,
+                      dp=DPConfig(epsilon=8.0, delta=1e-5))  # fmt: skip
+    weights = []
+    for name in ("a1", "a2"):
+        job = FinetuneJob(
+            flow / "d.txt", flow / name, block_size=16, val_fraction=0.0, keep_checkpoints=True
+        )
+        adapter = finetune_bundle(open_bundle(flow / "b"), job, cfg)
+        weights.append(load_file(str(adapter.path / WEIGHTS_NAME)))
+        assert adapter.manifest["training"]["differential_privacy"]["randomness"].startswith(
+            "batch order and noise"
+        )
+        assert str(orders[-1]) not in (adapter.path / "adapter_manifest.json").read_text()
+    assert 7 not in orders and orders[0] != orders[1], (
+        "the order comes from a fresh secret, not --seed"
+    )
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), (
+        "fresh noise each run"
+    )
+    state = loop.read_checkpoint_state(flow / "a2.ckpt")
+    assert state["step"] == 2 and state["order_seed"] == orders[-1]
+    assert loop._dp_order_seed(flow / "a2.ckpt", 2) == orders[-1]  # a resumed run keeps its order
+
+
 def test_per_sample_gradients_are_clipped_before_they_are_summed():
     model = tiny_model("llama")
     model.requires_grad_(False)

@@ -103,25 +103,35 @@ def test_invalid_training_config(kwargs, message):
         TrainConfig(**kwargs)
 
 
-def test_a_schedule_part_continues_the_whole_schedule(corpus_file, tokenizer):
-    """Federated round i of n: its learning rates are steps i*k .. i*k+k-1 of one schedule over n*k."""
-    from offsite.training.data import load_data
+def test_a_schedule_part_continues_the_whole_schedule_and_its_data(corpus_file, tokenizer):
+    """Federated round i of n: its learning rates and its batches are steps i*k .. i*k+k-1 of one
+    run over n*k steps (not the first k batches again)."""
+    from offsite.training.data import TokenData, load_data
     from offsite.training.loop import train
+    from offsite.training.loss import lm_loss
 
-    data = load_data(corpus_file, tokenizer, 16)
+    full = load_data(corpus_file, tokenizer, 16)
+    data = TokenData(full.examples[:10], full.source, full.sha256, full.mode)  # 5 steps an epoch
 
-    def rates(steps, part):
-        lrs = []
+    def run(steps, part):
+        lrs, batches = [], []
+
+        def loss(model, batch):
+            batches.append(batch["input_ids"].tolist())
+            return lm_loss(model, batch)
+
         cfg = TrainConfig(max_steps=steps, batch_size=2, learning_rate=1e-3, warmup_steps=2, save_every=0,
                           schedule_part=part)  # fmt: skip
-        train(
-            tiny_model("llama"), data, cfg, pad_id=0, on_step=lambda i: lrs.append(i.learning_rate)
-        )
-        return lrs
+        train(tiny_model("llama"), data, cfg, pad_id=0, loss_fn=loss,
+              on_step=lambda i: lrs.append(i.learning_rate))  # fmt: skip
+        return lrs, batches
 
-    whole = rates(9, (0, 1))
-    assert [rates(3, (i, 3)) for i in range(3)] == [whole[0:3], whole[3:6], whole[6:9]]
-    assert whole[-1] == 0 and max(whole) == 1e-3
+    whole = run(9, (0, 1))
+    parts = [run(3, (i, 3)) for i in range(3)]
+    for got in (0, 1):  # learning rates, batches
+        assert [p[got] for p in parts] == [whole[got][0:3], whole[got][3:6], whole[got][6:9]]
+    assert whole[0][-1] == 0 and max(whole[0]) == 1e-3
+    assert len(data) < 18, "the whole run wraps into a second epoch, and so do the parts"
 
 
 def test_a_federated_bundle_sets_the_round_schedule():

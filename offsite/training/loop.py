@@ -7,11 +7,13 @@ an uninterrupted one would have.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -189,6 +191,15 @@ def _restore_or_refuse(
     return int(state["step"])
 
 
+def _dp_order_seed(checkpoint_dir: Path | None, step: int) -> int:
+    """A DP run's secret batch-order seed: drawn from the OS's entropy at a fresh start, read
+    back from the run's own (local) checkpoint when it resumes."""
+    state = read_checkpoint_state(checkpoint_dir) if step and checkpoint_dir is not None else None
+    if state is not None and isinstance(state.get("order_seed"), int):
+        return state["order_seed"]
+    return secrets.randbits(62)
+
+
 def _steps_per_epoch(train_data: TokenData, cfg: TrainConfig, world: int) -> int:
     steps = len(epoch_batches(len(train_data), cfg, 0, 0, world)) // cfg.grad_accum
     if steps == 0:
@@ -269,6 +280,7 @@ class _Context:
     checkpoint_dir: Path | None
     run_key: dict
     keep_best: bool
+    order_seed: int  # the batch order's seed (under DP a secret, kept only in local checkpoints)
 
 
 def _after_step(
@@ -291,7 +303,7 @@ def _after_step(
     ):
         if acc.is_main_process:
             save_checkpoint(ctx.checkpoint_dir, acc.unwrap_model(model), optimizer, scheduler,
-                            {"step": run.step, "run_key": ctx.run_key})  # fmt: skip
+                            {"step": run.step, "run_key": ctx.run_key, "order_seed": ctx.order_seed})  # fmt: skip
         acc.wait_for_everyone()
 
 
@@ -321,12 +333,19 @@ def train(
     if cfg.dp is not None:
         model, optimizer, private = _privately(model, optimizer, cfg, len(train_data), acc, run.max_steps)  # fmt: skip
     run_key = {**(run_key or {}), "data": train_data.sha256, "config": {**asdict(cfg), "max_steps": None, "epochs": None}}  # fmt: skip
+    run_key = json.loads(json.dumps(run_key))  # as a checkpoint stores it (tuples become lists)
     run.step, best = _resume(acc, checkpoint_dir, resume, run_key, keep_best, model, optimizer, scheduler)  # fmt: skip
+    # the batch order: seeded by --seed, or under DP-SGD by a secret (the accountant's sampling
+    # amplification holds only if whoever sees the adapter cannot know which records a step drew)
+    order = replace(cfg, seed=_dp_order_seed(checkpoint_dir, run.step)) if cfg.dp else cfg
     model.train()
     model, optimizer = acc.prepare(model, optimizer)
-    ctx = _Context(acc, cfg, pad_id, val_data, checkpoint_dir, run_key, keep_best)
+    ctx = _Context(acc, cfg, pad_id, val_data, checkpoint_dir, run_key, keep_best, order.seed)
     losses: list[float] = []
-    for epoch, micro, batch in _micro_batches(train_data, cfg, acc, run.step, per_epoch, pad_id):
+    # part i of n of one schedule also continues its data: round i of a federation trains on the
+    # batches after round i-1's, not on the same first ones again
+    start = run.step + cfg.schedule_part[0] * run.max_steps
+    for epoch, micro, batch in _micro_batches(train_data, order, acc, start, per_epoch, pad_id):
         if run.step >= run.max_steps:
             break
         with acc.accumulate(model), acc.autocast():

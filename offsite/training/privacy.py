@@ -9,6 +9,7 @@ common practical stand-in for the Poisson sampling the accountants assume (said 
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -72,8 +73,14 @@ def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPConfig, 
     ) as e:  # a trainable module opacus cannot take per-sample gradients of
         raise OffsiteError(f"--dp-epsilon: {str(e).splitlines()[0]}") from None
     noise = noise_multiplier(dp, sample_rate, steps)
+    # the noise must be unknown to whoever sees the adapter: a generator seeded from the OS's
+    # entropy at every (re)start, never from --seed (recorded in the manifest, default 42), and
+    # opacus's secure_mode sampling, which resists the floating-point attacks on Gaussian noise
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     dp_optimizer = DPOptimizer(optimizer, noise_multiplier=noise, max_grad_norm=dp.max_grad_norm,
-                               expected_batch_size=batch_size, loss_reduction="mean")  # fmt: skip
+                               expected_batch_size=batch_size, loss_reduction="mean",
+                               generator=generator, secure_mode=True)  # fmt: skip
     return wrapped, dp_optimizer, noise
 
 
@@ -87,4 +94,6 @@ def spent(dp: DPConfig, noise: float, sample_rate: float, steps: int) -> dict:
     return {"epsilon": round(float(epsilon), 4), "delta": dp.delta, "target_epsilon": dp.epsilon,
             "accountant": f"opacus {dp.accountant}", "noise_multiplier": round(noise, 6),
             "sample_rate": sample_rate, "steps": steps, "max_grad_norm": dp.max_grad_norm,
-            "sampling": "shuffled fixed-size batches; the accountant assumes Poisson sampling at this rate"}  # fmt: skip
+            "sampling": "shuffled fixed-size batches; the accountant assumes Poisson sampling at this rate",
+            "randomness": "batch order and noise drawn from the OS's entropy, not from --seed; noise "
+                          "sampled in opacus's secure_mode (no CSPRNG: torchcsprng is not available)"}  # fmt: skip
