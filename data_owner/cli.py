@@ -208,8 +208,9 @@ def _add_join(sub) -> None:
         "--round-schedule",
         choices=("continue", "restart"),
         default="continue",
-        help="continue: one learning-rate schedule over all the federation's rounds (warm-up in "
-        "round 0, decay to the last); restart: each round its own full schedule (default continue)",
+        help="continue: one run spread over the federation's rounds (its learning-rate schedule "
+        "and batch order go on from round to round); restart: each round its own full schedule "
+        "from the first batches (default continue)",
     )
     add_training(p)
     add_dp(p)
