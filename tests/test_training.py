@@ -144,6 +144,9 @@ def test_a_federated_bundle_sets_the_round_schedule():
     assert round_schedule(TrainConfig(), SimpleNamespace(manifest={})) == TrainConfig()
     with pytest.raises(OffsiteError, match="schedule part 5 of 5"):
         TrainConfig(schedule_part=(5, 5))
+    broken = SimpleNamespace(path="b", manifest={"federation": {"round": "2", "rounds": 5}})
+    with pytest.raises(OffsiteError, match="b: its federation record names no valid round"):
+        round_schedule(TrainConfig(), broken)
 
 
 def test_claim_tolerates_another_process_writing_the_marker(tmp_path):

@@ -93,7 +93,10 @@ def round_schedule(cfg: TrainConfig, bundle: Bundle) -> TrainConfig:
     federation = bundle.manifest.get("federation")
     if not isinstance(federation, dict):
         return cfg
-    return replace(cfg, schedule_part=(int(federation["round"]), int(federation["rounds"])))
+    part = (federation.get("round"), federation.get("rounds"))
+    if not all(isinstance(x, int) for x in part) or not 0 <= part[0] < part[1]:
+        raise OffsiteError(f"{bundle.path}: its federation record names no valid round ({part})")
+    return replace(cfg, schedule_part=part)
 
 
 def hold_frozen_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
