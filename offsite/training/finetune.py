@@ -88,8 +88,9 @@ def trained_adapter(model, bundle: Bundle, peft: PeftOptions | None) -> tuple[di
 
 
 def round_schedule(cfg: TrainConfig, bundle: Bundle) -> TrainConfig:
-    """For a federated round's bundle (round i of n), `cfg` with its learning-rate schedule laid
-    over all n rounds: round i continues where round i-1 left off. Any other bundle: `cfg`."""
+    """For a federated round's bundle (round i of n), `cfg` as part i of one run over all n rounds:
+    its learning-rate schedule and batch order continue where round i-1 left off. Any other
+    bundle: `cfg`."""
     federation = bundle.manifest.get("federation")
     if not isinstance(federation, dict):
         return cfg

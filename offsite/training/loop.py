@@ -62,8 +62,9 @@ class TrainConfig:
     # SmolLM2, 4x256 tokens a step: peak RSS 1.96 GB at 256 against 2.46 GB at 1024
     loss_chunk_tokens: int = 256
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass
-    # this run is part i of n equal parts of one learning-rate schedule (federated rounds: round i of
-    # n continues the schedule where round i-1 left it, instead of restarting warm-up and decay)
+    # this run is part i of n equal parts of one run: its learning-rate schedule and its batch order
+    # (federated rounds: round i continues where round i-1 left off, instead of restarting the
+    # warm-up and decay on the same first batches)
     schedule_part: tuple[int, int] = (0, 1)
 
     def __post_init__(self) -> None:
