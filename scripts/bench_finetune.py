@@ -93,10 +93,8 @@ def _run(setting: str, precision: str, args: argparse.Namespace, bundle_dir: str
     lr = FULL_LEARNING_RATE if setting == "full" else ADAPTER_LEARNING_RATE
     cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=lr, save_every=0,
                       mixed_precision=precision, gradient_checkpointing=setting.endswith("_ckpt"))  # fmt: skip
-    if setting.startswith("offsite"):
-        hold_frozen_weights(
-            model, cfg
-        )  # as data-owner finetune does (bf16: the frozen weights in bf16)
+    if setting.startswith("offsite"):  # as data-owner finetune does (bf16: frozen weights in bf16)
+        hold_frozen_weights(model, cfg)
     times: list[float] = []
     summary = train(model, data, cfg, pad_id=pad_id_of(tokenizer),
                     on_step=lambda info: times.append(time.perf_counter()))  # fmt: skip

@@ -76,8 +76,7 @@ def test_each_data_owner_gives_its_share_of_the_held_out_text():
     assert len(train) == 3 and all(part.strip() for part in train)
     pieces = test.split("\n")
     assert len(pieces) == 3 and all(0.05 < len(p) / len(text) * 3 < 0.15 for p in pieces)
-    for part, piece in zip(
-        train, pieces, strict=True
-    ):  # each owner's piece is the tail of its part
+    # each owner's piece is the tail of its part
+    for part, piece in zip(train, pieces, strict=True):
         assert (part + piece).strip() in text
     assert not set(" ".join(train).split()) & set(test.split()), "nothing held out is trained on"
