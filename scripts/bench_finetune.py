@@ -29,6 +29,7 @@ from offsite.evaluation.five_settings import FULL_LEARNING_RATE
 from offsite.models.architectures import block_matmuls, num_blocks
 from offsite.models.flops import finetune_flops_per_token
 from offsite.models.loading import load_model, load_tokenizer
+from offsite.training.allocator import limit_heap_growth
 from offsite.training.data import load_data, pad_id_of
 from offsite.training.finetune import (
     ADAPTER_LEARNING_RATE,
@@ -72,6 +73,7 @@ def model_shapes(model, tokens: int) -> list[tuple[int, int, int]]:
 
 
 def _run(setting: str, precision: str, args: argparse.Namespace, bundle_dir: str, queue) -> None:
+    limit_heap_growth()  # as the CLI does, before anything is loaded
     torch.manual_seed(0)
     base_rss = peak_rss_mib()
     tokenizer = load_tokenizer(args.model)

@@ -100,6 +100,31 @@ def test_tampered_bundle_file_is_rejected(tmp_path, tokenizer):
         open_bundle(tmp_path / "b")
 
 
+def test_manifest_only_open_skips_weight_hashes_but_not_the_rest(tmp_path, tokenizer):
+    """A merge reads only the bundle's manifest (the adapter names it by its hash): it need not
+    hash the emulator's weights, but every other check still holds."""
+    _bundle(tmp_path, tokenizer)
+    weights = tmp_path / "b" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match="model.safetensors: sha256 does not match"):
+        open_bundle(tmp_path / "b")
+    manifest = (tmp_path / "b" / MANIFEST_NAME).read_bytes()
+    assert open_bundle(tmp_path / "b", weights=False).manifest == json.loads(manifest)
+    config = tmp_path / "b" / "config.json"
+    saved = config.read_bytes()
+    config.write_text("{}")
+    with pytest.raises(VerificationError, match="config.json: sha256 does not match"):
+        open_bundle(tmp_path / "b", weights=False)
+    config.write_bytes(saved)
+    weights.unlink()
+    with pytest.raises(
+        VerificationError, match="model.safetensors: listed in the manifest but missing"
+    ):
+        open_bundle(tmp_path / "b", weights=False)
+
+
 def test_missing_and_extra_bundle_files_are_rejected(tmp_path, tokenizer):
     _bundle(tmp_path, tokenizer)
     (tmp_path / "b" / "extra.py").write_text("print('hi')")

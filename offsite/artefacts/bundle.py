@@ -129,10 +129,15 @@ def write_bundle_files(
     return open_bundle(out)
 
 
-def open_bundle(path: str | Path, hashed: dict[str, str] | None = None) -> Bundle:
+def open_bundle(
+    path: str | Path, hashed: dict[str, str] | None = None, weights: bool = True
+) -> Bundle:
     """Read a bundle's manifest and check every file's sha256 (nothing is loaded before this passes).
 
     `hashed`: digests already computed by the caller over these files (see check_files).
+    `weights=False`: for a caller that reads only the manifest (merging: the adapter names the
+    manifest by its hash, and the emulator's weights are never read), the weight files are checked
+    to be present and well-formed but not hashed.
     """
     path = Path(path)
     if not path.is_dir():
@@ -158,7 +163,7 @@ def open_bundle(path: str | Path, hashed: dict[str, str] | None = None) -> Bundl
         if not isinstance(b.get("source"), int) or not 0 <= b["source"] < base["num_layers"]:
             raise VerificationError(f"{manifest_path}: blocks[{i}].source is out of range")
     files = field(data, "files", dict, manifest_path)
-    check_files(path, files, NOT_HASHED, hashed, FILE_TYPES)
+    check_files(path, files, NOT_HASHED, hashed, FILE_TYPES, () if weights else (".safetensors",))
     for name in files:
         if name.endswith(".safetensors"):
             header_spec(path / name)  # a malformed or oversized header is refused before loading

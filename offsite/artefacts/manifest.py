@@ -73,12 +73,14 @@ def check_files(
     exclude: tuple[str, ...],
     hashed: dict[str, str] | None = None,
     suffixes: tuple[str, ...] | None = None,
+    unread: tuple[str, ...] = (),
 ) -> None:
     """Every listed file exists with its sha256, and no unlisted file (or symlink) is present.
 
     `hashed` holds digests the caller computed itself over these very files (e.g. while
     receiving them), so they need not be read a second time. `suffixes`: the only file types
-    the artefact may list.
+    the artefact may list. `unread`: file types the caller will not read, so only checked to be
+    present (not hashed).
     """
     hashed = hashed or {}
     present = _walk(root)
@@ -94,6 +96,8 @@ def check_files(
         path = root / rel
         if rel not in present:
             raise VerificationError(f"{path}: listed in the manifest but missing")
+        if unread and rel.endswith(unread):
+            continue
         if (hashed.get(rel) or sha256_file(path)) != digest:
             raise VerificationError(
                 f"{path}: sha256 does not match the manifest (corrupted or tampered)"

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
 from offsite.artefacts.adapter import (
@@ -23,9 +24,11 @@ from offsite.artefacts.peft_delta import PeftOptions, attach, delta_state, full_
 from offsite.artefacts.signing import Signer
 from offsite.atomic import check_apart, check_output_dir, check_writable
 from offsite.errors import OffsiteError
+from offsite.models.architectures import get_blocks
 from offsite.training.checkpoint import remove_checkpoints
 from offsite.training.data import load_data, pad_id_of, split_validation
 from offsite.training.loop import StepInfo, TrainConfig, make_accelerator, train
+from offsite.training.loss import causal_lm_of
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +104,48 @@ def round_schedule(cfg: TrainConfig, bundle: Bundle) -> TrainConfig:
 
 
 def hold_frozen_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
-    """Under bf16 mixed precision, hold the frozen weights (the emulator's middle, embeddings, the
-    base weights under PEFT) in bf16: autocast multiplies them in bf16 anyway and nothing updates
-    them, so they need no float32 copy (half their memory); what trains keeps float32 master
-    weights. Not under DP-SGD (opacus's per-sample gradients follow the activations' dtype)."""
-    if cfg.mixed_precision != "bf16" or cfg.dp is not None:
+    """Hold frozen weights in bf16 where that costs nothing. Not under DP-SGD (opacus's
+    per-sample gradients follow the activations' dtype).
+
+    Under bf16 mixed precision, every frozen weight (the emulator's middle, embeddings, the base
+    weights under PEFT): autocast multiplies them in bf16 anyway and nothing updates them, so they
+    need no float32 copy (half their memory); what trains keeps float32 master weights.
+
+    In float32 with gradient checkpointing, the frozen matrices of the blocks that a bf16 bundle
+    gave (every value exactly a bf16): stored in bf16 and widened to float32 as each block runs,
+    so the arithmetic is the float32 one, bit for bit. Only under checkpointing, where a block's
+    widened copies are let go as soon as its forward (or its recomputation) is done; otherwise
+    the backward pass would keep them all and the saving would turn into a cost."""
+    if cfg.dp is not None:
         return
-    for p in model.parameters():
-        if not p.requires_grad and p.dtype == torch.float32:
-            p.data = p.data.to(torch.bfloat16)
+    if cfg.mixed_precision == "bf16":
+        for p in model.parameters():
+            if not p.requires_grad and p.dtype == torch.float32:
+                p.data = p.data.to(torch.bfloat16)
+    elif cfg.mixed_precision == "no" and cfg.gradient_checkpointing:
+        for block in get_blocks(causal_lm_of(model)):
+            for module in list(block.modules()):
+                weight = module._parameters.get("weight")  # its own (PEFT's layers reach theirs)
+                if _bf16_exact_frozen_matrix(weight) and not parametrize.is_parametrized(module):
+                    parametrize.register_parametrization(module, "weight", _Widen(), unsafe=True)
+                    module.parametrizations.weight.original.data = weight.data.to(torch.bfloat16)
+
+
+def _bf16_exact_frozen_matrix(weight) -> bool:
+    return (
+        isinstance(weight, torch.nn.Parameter)
+        and not weight.requires_grad
+        and weight.dtype == torch.float32
+        and weight.dim() == 2
+        and torch.equal(weight.data.to(torch.bfloat16).float(), weight.data)
+    )
+
+
+class _Widen(torch.nn.Module):
+    """A weight stored in bf16, used in float32 (exact: every bf16 is a float32)."""
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.float()
 
 
 def finetune_bundle(
