@@ -15,6 +15,7 @@ from offsite.artefacts.bundle import Bundle, check_bundle_model, open_bundle
 from offsite.artefacts.signing import Signer, load_private
 from offsite.errors import OffsiteError
 from offsite.exchange.credentials import Credentials, load_credentials
+from offsite.training.allocator import limit_heap_growth
 from offsite.training.finetune import FinetuneJob, finetune_bundle, round_schedule
 from offsite_cli.args import add_dp, add_eval, add_peft, add_training, peft_options, train_config
 from offsite_cli.progress import TrainingBar, perplexity_with_bar
@@ -82,6 +83,8 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
+    if args.low_memory:
+        limit_heap_growth()  # before anything is loaded
     cfg = train_config(args)
     if (args.bundle is None) == (args.server is None):
         raise OffsiteError("give exactly one of --bundle DIR or --server ADDR")
@@ -92,6 +95,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         data=Path(args.data), out=out, block_size=args.block_size, val_fraction=args.val_fraction,
         checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None, resume=args.resume,
         overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints, peft=peft_options(args),
+        low_memory=args.low_memory,
     )  # fmt: skip
     creds = load_credentials(args.credentials) if args.credentials else None
     signer = (
@@ -133,6 +137,8 @@ def cmd_join(args: argparse.Namespace) -> None:
     """Federated rounds: fetch each round's bundle, fine-tune, submit, until --rounds are done."""
     from offsite.transport.join import join
 
+    if args.low_memory:
+        limit_heap_growth()
     cfg = train_config(args)
     if not args.credentials:
         raise OffsiteError(
@@ -145,7 +151,7 @@ def cmd_join(args: argparse.Namespace) -> None:
         creds.check_bundle(bundle)  # signed by the owner we enrolled with, issued to us
         round_cfg = round_schedule(cfg, bundle) if args.round_schedule == "continue" else cfg
         job = FinetuneJob(data=Path(args.data), out=out, block_size=args.block_size,
-                          val_fraction=args.val_fraction, overwrite=True)  # fmt: skip
+                          val_fraction=args.val_fraction, overwrite=True, low_memory=args.low_memory)  # fmt: skip
         bar = TrainingBar(f"round {out.name}")
         try:
             return finetune_bundle(bundle, job, round_cfg, on_step=bar, signer=signer).path

@@ -189,6 +189,13 @@ def _add_run(g, d: TrainConfig) -> None:
         help="recompute block activations in the backward pass (less memory, more compute)",
     )
     g.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="lower peak memory on CPU for some speed: freed activations go back to the system at "
+        "once, and with --gradient-checkpointing in float32 a bf16 bundle's frozen weights stay "
+        "bf16 (same results)",
+    )
+    g.add_argument(
         "--save-every",
         type=int,
         default=d.save_every,

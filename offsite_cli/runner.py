@@ -10,7 +10,6 @@ import sys
 from collections.abc import Callable
 
 from offsite.errors import OffsiteError
-from offsite.training.allocator import limit_heap_growth
 
 EXIT_USAGE = 2
 
@@ -51,7 +50,6 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     except SystemExit as e:  # usage errors (code 2) and --help (code 0), already printed
         return int(e.code or 0)
     _quiet_libraries(args.verbose)
-    limit_heap_growth()  # before anything is loaded: a command's peak memory on CPU
     func: Callable[[argparse.Namespace], int | None] = args.func
     try:
         return int(func(args) or 0)

@@ -41,7 +41,10 @@ from scripts.memory import peak_rss_mib
 
 SAMPLE = "data/samples/shakespeare-train.txt"
 SETTINGS = ("full", "offsite", "offsite_ckpt", "offsite_lora", "offsite_lora_ckpt")
-CONFIGS = [(s, p) for s in SETTINGS for p in ("no", "bf16")]
+# `--low-memory` (the allocator's threshold fixed; in float32 with checkpointing the bf16
+# bundle's frozen weights held in bf16): against full fine-tuning with and without it
+LOW_MEMORY = [("full_lowmem", "no"), ("offsite_lora_ckpt_lowmem", "no"), ("offsite_lora_ckpt_lowmem", "bf16")]  # fmt: skip
+CONFIGS = [(s, p) for s in SETTINGS for p in ("no", "bf16")] + LOW_MEMORY
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -73,7 +76,10 @@ def model_shapes(model, tokens: int) -> list[tuple[int, int, int]]:
 
 
 def _run(setting: str, precision: str, args: argparse.Namespace, bundle_dir: str, queue) -> None:
-    limit_heap_growth()  # as the CLI does, before anything is loaded
+    low_memory = setting.endswith("_lowmem")
+    setting = setting.removesuffix("_lowmem")
+    if low_memory:  # as `data-owner finetune --low-memory` does, before anything is loaded
+        limit_heap_growth()
     torch.manual_seed(0)
     base_rss = peak_rss_mib()
     tokenizer = load_tokenizer(args.model)
@@ -96,7 +102,7 @@ def _run(setting: str, precision: str, args: argparse.Namespace, bundle_dir: str
     cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=lr, save_every=0,
                       mixed_precision=precision, gradient_checkpointing=setting.endswith("_ckpt"))  # fmt: skip
     if setting.startswith("offsite"):  # as data-owner finetune does (bf16: frozen weights in bf16)
-        hold_frozen_weights(model, cfg)
+        hold_frozen_weights(model, cfg, low_memory=low_memory)
     times: list[float] = []
     summary = train(model, data, cfg, pad_id=pad_id_of(tokenizer),
                     on_step=lambda info: times.append(time.perf_counter()))  # fmt: skip
@@ -105,7 +111,7 @@ def _run(setting: str, precision: str, args: argparse.Namespace, bundle_dir: str
     peak = (
         torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mib()
     )
-    queue.put({"config": setting, "precision": precision, "step_s": step_s, "trainable_parameters": trainable,
+    queue.put({"config": setting + ("_lowmem" if low_memory else ""), "precision": precision, "step_s": step_s, "trainable_parameters": trainable,
                "tokens_per_s": args.batch_size * args.block_size / step_s, "peak_mib": peak,
                "above_baseline_mib": peak - base_rss, "losses": [h["loss"] for h in summary["history"]]})  # fmt: skip
 
@@ -137,6 +143,11 @@ def _summary(rows: dict[tuple[str, str], dict], flops: dict) -> dict:
                   "blocks_memory_ratio": round(off["peak_mib"] / full["peak_mib"], 3),
                   "blocks_memory_ratio_above_baseline": round(off["above_baseline_mib"] / full["above_baseline_mib"], 3),
                   "blocks_checkpointing_memory_ratio": round(off_ckpt["peak_mib"] / full["peak_mib"], 3)}  # fmt: skip
+    low, low_full = rows["offsite_lora_ckpt_lowmem", "no"], rows["full_lowmem", "no"]
+    out["low_memory"] = {"lora_checkpointing_memory_ratio": round(low["peak_mib"] / rows["full", "no"]["peak_mib"], 3),
+                         "against_full_with_low_memory": round(low["peak_mib"] / low_full["peak_mib"], 3),
+                         "speed_vs_default": round(low["tokens_per_s"] / rows["offsite_lora_ckpt", "no"]["tokens_per_s"], 3),
+                         "full_speed_vs_default": round(low_full["tokens_per_s"] / rows["full", "no"]["tokens_per_s"], 3)}  # fmt: skip
     for s in SETTINGS:
         fp32, bf16 = rows[s, "no"], rows[s, "bf16"]
         gap = max(abs(a - b) / a for a, b in zip(fp32["losses"], bf16["losses"], strict=True))
@@ -170,12 +181,11 @@ def main() -> None:
                                      seq_len=args.block_size, lora_rank=args.lora_rank)  # fmt: skip
     peaks = {p: matmul_peak(shapes, DTYPES[p]) for p in DTYPES}
     for (setting, precision), row in rows.items():
-        step_flops = (
-            flops[setting.removesuffix("_ckpt")]["total"] * tokens / row["step_s"]
-        )  # recompute not counted
+        counted = flops[setting.removesuffix("_lowmem").removesuffix("_ckpt")]
+        step_flops = counted["total"] * tokens / row["step_s"]  # recompute not counted
         print(json.dumps({"model": args.model, **{k: v for k, v in row.items() if k != "losses"},
                           "tokens_per_step": tokens, "steps_timed": args.steps - args.warmup,
-                          "flops_per_token": flops[setting.removesuffix("_ckpt")], "step_gflops": round(step_flops / 1e9, 1),
+                          "flops_per_token": counted, "step_gflops": round(step_flops / 1e9, 1),
                           "matmul_peak_gflops": round(peaks[precision] / 1e9, 1),
                           "vs_peak": round(step_flops / peaks[precision], 3), "losses": row["losses"],
                           "memory_kind": "cuda max_memory_allocated" if torch.cuda.is_available() else "process peak RSS"}))  # fmt: skip

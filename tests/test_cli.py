@@ -227,3 +227,23 @@ def test_evaluate_offsite_writes_the_five_settings(flow, tmp_path, capsys):
     assert "| corpus | perplexity |" in (tmp_path / "r" / "summary.md").read_text()
     _expect_error(capsys, owner, [*args, "--model", str(flow / "other"), "--out", str(tmp_path / "r2")],
                   "bundle was not made from --model", tmp_path / "r2")  # fmt: skip
+
+
+def test_low_memory_finetune_returns_the_same_adapter(flow, tmp_path, monkeypatch):
+    """--low-memory sets the allocator (recorded here: it is process-wide) and, in float32 with
+    checkpointing, holds a bf16 bundle's frozen weights in bf16: the adapter is bit-identical."""
+    calls = []
+    monkeypatch.setattr("data_owner.cli.limit_heap_growth", lambda: calls.append(1))
+    bundle = tmp_path / "bundle"
+    assert owner(["package-emulator", "--model", str(flow / "model"), "--out", str(bundle),
+                  "--emulator-layers", "2", "--dtype", "bfloat16"]) == 0  # fmt: skip
+    adapters = {}
+    for flag in ([], ["--low-memory"]):
+        out = tmp_path / f"adapter{len(flag)}"
+        assert data_owner(["finetune", "--bundle", str(bundle), "--data", str(flow / "corpus.txt"), "--out", str(out),
+                           "--max-steps", "3", "--block-size", "16", "--batch-size", "2", "--learning-rate", "1e-2",
+                           "--gradient-checkpointing", *flag]) == 0  # fmt: skip
+        adapters[bool(flag)] = load_file(out / WEIGHTS_NAME)
+    assert calls == [1]
+    assert adapters[True].keys() == adapters[False].keys()
+    assert all(torch.equal(adapters[True][k], adapters[False][k]) for k in adapters[False])

@@ -221,8 +221,9 @@ def test_bf16_holds_frozen_weights_in_bf16_and_follows_the_float32_curve(
 def test_float32_checkpointing_holds_bf16_exact_frozen_matrices_in_bf16_bit_for_bit(
     family, lora, corpus_file, tokenizer
 ):
-    """Frozen block matrices that a bf16 bundle gave are stored in bf16 and widened as each block
-    runs: the same float32 arithmetic (identical losses and trained weights), half their memory."""
+    """With low_memory, frozen block matrices that a bf16 bundle gave are stored in bf16 and widened
+    as each block runs: the same float32 arithmetic (identical losses and trained weights), half
+    their memory; without it, nothing changes."""
     from offsite.artefacts.peft_delta import PeftOptions, attach
     from offsite.models.architectures import get_blocks
     from offsite.training.data import load_data
@@ -240,8 +241,7 @@ def test_float32_checkpointing_holds_bf16_exact_frozen_matrices_in_bf16_bit_for_
             for block in (get_blocks(model)[0], get_blocks(model)[-1]):
                 block.requires_grad_(True)
         cfg = TrainConfig(max_steps=3, batch_size=2, learning_rate=1e-3, save_every=0, gradient_checkpointing=True)  # fmt: skip
-        if hold:
-            hold_frozen_weights(model, cfg)
+        hold_frozen_weights(model, cfg, low_memory=hold)
         summary = train(model, load_data(corpus_file, tokenizer, 16), cfg, pad_id=0)
         trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         runs[hold] = ([h["loss"] for h in summary["history"]], trained, model)
@@ -250,6 +250,7 @@ def test_float32_checkpointing_holds_bf16_exact_frozen_matrices_in_bf16_bit_for_
     assert all(torch.equal(runs[True][1][n], runs[False][1][n]) for n in runs[False][1])
     stored = {p.dtype for n, p in runs[True][2].named_parameters() if n.endswith(".original")}
     assert stored == {torch.bfloat16}
+    assert {p.dtype for p in runs[False][2].parameters()} == {torch.float32}
 
 
 def test_weights_that_are_not_bf16_values_stay_float32(corpus_file, tokenizer):
@@ -257,6 +258,8 @@ def test_weights_that_are_not_bf16_values_stay_float32(corpus_file, tokenizer):
 
     model = tiny_model("llama")  # random float32 values: bf16 would round them
     model.requires_grad_(False)
-    hold_frozen_weights(model, TrainConfig(max_steps=1, gradient_checkpointing=True))
+    hold_frozen_weights(
+        model, TrainConfig(max_steps=1, gradient_checkpointing=True), low_memory=True
+    )
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert not any(".original" in n for n, _ in model.named_parameters())

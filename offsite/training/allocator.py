@@ -4,10 +4,11 @@ glibc serves a large allocation with its own mmap, returned to the system when f
 time such a block is freed it raises that threshold to the block's size (up to 32 MiB). After the
 first backward pass, activations and gradients of a few to tens of MiB all come from the heap,
 which fragments and seldom shrinks: the process keeps the high-water mark of several steps'
-temporaries. Fixing the threshold keeps every block of 1 MiB or more in its own mapping. Measured
-on SmolLM2-135M (`scripts/bench_finetune.py`'s settings, float32): peak RSS with LoRA and
-checkpointing 1305 -> 1011 MiB, full fine-tuning 4508 -> 3926 MiB. Set by every CLI command
-before it loads anything, and by `train` for library callers.
+temporaries. Fixing the threshold keeps every block of 1 MiB or more in its own mapping, at a
+price in speed (each such block is mapped, faulted in and unmapped anew). Measured on
+SmolLM2-135M (`scripts/bench_finetune.py`'s settings, float32, LoRA with checkpointing): peak RSS
+1305 -> 1011 MiB, full fine-tuning 4508 -> 3926 MiB, and about 30% fewer tokens/s. So it is the
+user's choice (`data-owner finetune --low-memory`), made before anything is loaded.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _applied = False
 
 def limit_heap_growth() -> bool:
     """Fix glibc's mmap threshold at 1 MiB for this process (once); returns whether it is set.
+    Process-wide: for a command's entry point, not for library code.
 
     Nothing is done if the user set MALLOC_MMAP_THRESHOLD_ themselves, or the C library is not
     glibc (musl, macOS, Windows: their allocators do not raise a threshold)."""

@@ -51,6 +51,8 @@ class FinetuneJob:
     overwrite: bool = False
     keep_checkpoints: bool = False
     peft: PeftOptions | None = None  # train PEFT modules inside the adapter blocks instead of them
+    # bf16-exact frozen weights held in bf16 (hold_frozen_weights); the allocator is the caller's
+    low_memory: bool = False
 
     @property
     def checkpoints(self) -> Path:
@@ -103,7 +105,7 @@ def round_schedule(cfg: TrainConfig, bundle: Bundle) -> TrainConfig:
     return replace(cfg, schedule_part=part)
 
 
-def hold_frozen_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
+def hold_frozen_weights(model: torch.nn.Module, cfg: TrainConfig, low_memory: bool = False) -> None:
     """Hold frozen weights in bf16 where that costs nothing. Not under DP-SGD (opacus's
     per-sample gradients follow the activations' dtype).
 
@@ -111,18 +113,20 @@ def hold_frozen_weights(model: torch.nn.Module, cfg: TrainConfig) -> None:
     weights under PEFT): autocast multiplies them in bf16 anyway and nothing updates them, so they
     need no float32 copy (half their memory); what trains keeps float32 master weights.
 
-    In float32 with gradient checkpointing, the frozen matrices of the blocks that a bf16 bundle
-    gave (every value exactly a bf16): stored in bf16 and widened to float32 as each block runs,
-    so the arithmetic is the float32 one, bit for bit. Only under checkpointing, where a block's
-    widened copies are let go as soon as its forward (or its recomputation) is done; otherwise
-    the backward pass would keep them all and the saving would turn into a cost."""
+    With `low_memory`, in float32 with gradient checkpointing, also the frozen matrices of the
+    blocks that a bf16 bundle gave (every value exactly a bf16): stored in bf16 and widened to
+    float32 as each block runs, so the arithmetic is the float32 one, bit for bit. Only under
+    checkpointing, where a block's widened copies are let go as soon as its forward (or its
+    recomputation) is done (otherwise the backward pass would keep them all), and only with
+    `allocator.limit_heap_growth`: under glibc's default the widened copies' churn fragments the
+    heap, and the peak rose (1299 -> 1474 MiB) instead of falling."""
     if cfg.dp is not None:
         return
     if cfg.mixed_precision == "bf16":
         for p in model.parameters():
             if not p.requires_grad and p.dtype == torch.float32:
                 p.data = p.data.to(torch.bfloat16)
-    elif cfg.mixed_precision == "no" and cfg.gradient_checkpointing:
+    elif low_memory and cfg.mixed_precision == "no" and cfg.gradient_checkpointing:
         for block in get_blocks(causal_lm_of(model)):
             for module in list(block.modules()):
                 weight = module._parameters.get("weight")  # its own (PEFT's layers reach theirs)
@@ -171,7 +175,7 @@ def finetune_bundle(
     check_bundle_model(bundle, model)
     options = job.peft.resolved(model.config.model_type) if job.peft else None
     model, n_trainable = make_trainable(model, bundle, options)
-    hold_frozen_weights(model, cfg)
+    hold_frozen_weights(model, cfg, low_memory=job.low_memory)
     log.info("training %d adapter parameters on %d examples", n_trainable, len(train_data))
     summary = train(
         model, train_data, cfg, pad_id=pad_id_of(tokenizer), val_data=val_data,

@@ -23,7 +23,6 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from transformers import get_scheduler
 
 from offsite.errors import OffsiteError
-from offsite.training.allocator import limit_heap_growth
 from offsite.training.checkpoint import (
     BestWeights,
     claim_checkpoint_dir,
@@ -326,7 +325,6 @@ def train(
 ) -> dict:
     """Train the parameters of `model` that require grad with `loss_fn`; returns a JSON-ready summary
     (`keep_best`: restore the weights with the best validation perplexity at the end)."""
-    limit_heap_growth()  # peak memory on CPU: freed activations go back to the system
     acc = accelerator or make_accelerator(cfg)
     loss_fn = loss_fn or _loss_and_checkpointing(model, cfg)
     per_epoch = _steps_per_epoch(train_data, cfg, acc.num_processes)
