@@ -7,20 +7,22 @@ import json
 import pytest
 import torch
 from exchange_env import make_env, signer_of, thread_server
+from helpers import copy_tree as _copy_tree
 from helpers import expect_error
 from safetensors.torch import load_file
 from tiny import CORPUS, DEPTH
 
-from offsite.artefacts.adapter import WEIGHTS_NAME, open_adapter
+from offsite.artefacts.adapter import ADAPTER_MANIFEST, WEIGHTS_NAME, open_adapter
 from offsite.artefacts.bundle import open_bundle
 from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import make_plan
+from offsite.errors import VerificationError
 from offsite.exchange.federation import AGGREGATE, FederationSpec, advance, fedavg, round_dir, start
 from offsite.exchange.home import enroll
 from offsite.models.loading import load_model, load_tokenizer
 from offsite.training.finetune import FinetuneJob, finetune_bundle, round_schedule
 from offsite.training.loop import TrainConfig
-from offsite.transport.client import connect
+from offsite.transport.client import TransportError, connect
 from offsite.transport.join import join
 from owner.cli import main as owner
 
@@ -36,7 +38,7 @@ def test_fedavg_is_the_token_weighted_mean():
 @pytest.fixture
 def fed(tmp_path):
     home, creds, _ = make_env(tmp_path, ["acme", "bob", "carol"])
-    enroll(home, "dave")  # enrolled, not a member
+    creds["dave"] = enroll(home, "dave")  # enrolled, not a member
     model = load_model(str(tmp_path / "model"))
     package_emulator(model, load_tokenizer(str(tmp_path / "model")), make_plan(DEPTH, emulator_layers=2),
                      tmp_path / "base", base_name="m")  # fmt: skip
@@ -141,6 +143,35 @@ def test_deadline_closes_a_round_with_what_arrived(fed):
         started = registry.federation("f1")["round_started"]
     late = advance(home, "f1", now=started + 601)
     assert late["state"] == "closed" and late["members"]["carol"] == "received"
+
+
+def test_a_non_member_or_a_token_count_other_than_signed_does_not_count(fed):
+    """dave (enrolled, not a member) submits acme's round adapter as his own; bob submits his with
+    a larger token count than he signed: neither counts, so the round waits for a second member."""
+    home, creds, spec, root = fed
+    advance(home, "f1")
+    with thread_server(home) as address:
+        with connect(address, creds["acme"]) as client:
+            join(client, 1, root / "work-acme", _train(creds["acme"], 1), poll_s=0.1, wait_s=5)
+        theirs = _copy_tree(root / "work-acme" / "round-0", root / "dave-adapter")
+        signer_of(creds["dave"]).sign(theirs / ADAPTER_MANIFEST, theirs / "adapter_manifest.sig")
+        with (
+            connect(address, creds["dave"]) as client,
+            pytest.raises(TransportError, match="no bundle .* issued to dave"),
+        ):
+            client.submit_adapter(theirs)
+        with connect(address, creds["bob"]) as client:
+            listed = client.list_bundles()
+            bundle = open_bundle(client.fetch_bundle(listed[-1]["bundle_id"], root / "bob-r0").path)
+            adapter = _train(creds["bob"], 1)(bundle, root / "work-bob" / "round-0")
+            manifest = json.loads((adapter / ADAPTER_MANIFEST).read_text())
+            manifest["training"]["tokens_this_run"] *= 10  # not what bob signed
+            (adapter / ADAPTER_MANIFEST).write_text(json.dumps(manifest))
+            with pytest.raises(VerificationError, match="signature"):
+                client.submit_adapter(adapter)
+    state = advance(home, "f1")
+    assert state["state"] == "waiting"
+    assert state["members"] == {"acme": "received", "bob": "issued", "carol": "issued"}
 
 
 def test_bad_federation_options_get_one_line_errors(fed, capsys):
