@@ -229,7 +229,8 @@ def test_evaluate_offsite_writes_the_five_settings(flow, tmp_path, capsys):
                   "bundle was not made from --model", tmp_path / "r2")  # fmt: skip
 
 
-def test_low_memory_finetune_returns_the_same_adapter(flow, tmp_path, monkeypatch):
+@pytest.mark.parametrize("peft", [[], ["--peft", "lora"], ["--peft", "ia3"], ["--peft", "ln"]])
+def test_low_memory_finetune_returns_the_same_adapter(flow, tmp_path, monkeypatch, peft):
     """--low-memory sets the allocator (recorded here: it is process-wide) and, in float32 with
     checkpointing, holds a bf16 bundle's frozen weights in bf16: the adapter is bit-identical."""
     calls = []
@@ -242,8 +243,10 @@ def test_low_memory_finetune_returns_the_same_adapter(flow, tmp_path, monkeypatc
         out = tmp_path / f"adapter{len(flag)}"
         assert data_owner(["finetune", "--bundle", str(bundle), "--data", str(flow / "corpus.txt"), "--out", str(out),
                            "--max-steps", "3", "--block-size", "16", "--batch-size", "2", "--learning-rate", "1e-2",
-                           "--gradient-checkpointing", *flag]) == 0  # fmt: skip
-        adapters[bool(flag)] = load_file(out / WEIGHTS_NAME)
+                           "--gradient-checkpointing", *peft, *flag]) == 0  # fmt: skip
+        files = sorted(out.glob("*.safetensors"))
+        assert files
+        adapters[bool(flag)] = {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
     assert calls == [1]
     assert adapters[True].keys() == adapters[False].keys()
     assert all(torch.equal(adapters[True][k], adapters[False][k]) for k in adapters[False])
