@@ -36,7 +36,7 @@ from offsite.emulator.plan import make_plan
 from offsite.errors import OffsiteError, VerificationError
 from offsite.training.finetune import FinetuneJob, finetune_bundle
 from offsite.training.loop import TrainConfig
-from offsite.training.loss import chunked_lm_loss, lm_loss
+from offsite.training.loss import batch_nll, chunked_lm_loss, lm_loss
 from owner.cli import main as owner
 
 INPUT = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -195,6 +195,10 @@ def test_chunked_loss_equals_the_models_own_loss(family, tokenizer):
     grads = [torch.autograd.grad(loss, model.lm_head.weight if hasattr(model, "lm_head") else
                                  model.get_output_embeddings().weight) for loss in (reference, chunked)]  # fmt: skip
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # validation's summed NLL, in chunks and whole
+        (plain, n), (parts, m) = batch_nll(model, batch), batch_nll(model, batch, chunk_tokens=5)
+    torch.testing.assert_close(parts, plain, atol=1e-4, rtol=1e-5)
+    assert int(n) == int(m)
 
 
 def test_chunked_loss_with_a_soft_prompt_equals_peft_loss(tokenizer, tmp_path):
@@ -206,6 +210,8 @@ def test_chunked_loss_with_a_soft_prompt_equals_peft_loss(tokenizer, tmp_path):
     torch.testing.assert_close(
         chunked_lm_loss(7)(model, batch), lm_loss(model, batch), atol=1e-5, rtol=1e-5
     )
+    with torch.no_grad():
+        torch.testing.assert_close(batch_nll(model, batch, 7), batch_nll(model, batch))
 
 
 def test_bad_peft_options_get_one_line_errors(tokenizer, tmp_path, capsys):

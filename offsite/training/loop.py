@@ -165,7 +165,7 @@ def _validate(acc: Accelerator, model, data: TokenData, cfg: TrainConfig, pad_id
                 for k, v in collate(mine[i : i + cfg.batch_size], pad_id).items()
             }
             with acc.autocast():
-                nll, n = batch_nll(model, batch)
+                nll, n = batch_nll(model, batch, cfg.loss_chunk_tokens)
             total += torch.stack([nll.float(), n.float()])
     total = acc.reduce(total, reduction="sum")
     model.train()

@@ -20,9 +20,27 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def batch_nll(
-    model: nn.Module, batch: dict[str, torch.Tensor]
+    model: nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL and the number of tokens it covers (labels shifted by one)."""
+    """Summed next-token NLL and the number of tokens it covers (labels shifted by one);
+    `chunk_tokens` > 0: the head applied that many positions at a time (as the training loss), so
+    the full-vocabulary logits of the whole batch never exist at once."""
+    if chunk_tokens > 0 and not isinstance(model, nn.parallel.DistributedDataParallel):
+        hidden, _, causal_lm = _final_hidden(model, batch)
+        hidden = hidden[
+            :, -batch["input_ids"].shape[1] :
+        ]  # as below: not a soft prompt's positions
+        h, y = hidden[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten()
+        keep = y != IGNORE_INDEX
+        h, y = h[keep], y[keep]
+        head = causal_lm.get_output_embeddings()
+        cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+        nll = sum(
+            (_chunk_nll(head, h[i : i + chunk_tokens], y[i : i + chunk_tokens], cap)
+             for i in range(0, len(y), chunk_tokens)),
+            torch.zeros((), device=hidden.device),
+        )  # fmt: skip
+        return nll, keep.sum()
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits[:, -batch["input_ids"].shape[1] :]  # a soft prompt's positions come first
     targets = batch["labels"][:, 1:]
