@@ -27,20 +27,15 @@ def batch_nll(
     the full-vocabulary logits of the whole batch never exist at once."""
     if chunk_tokens > 0 and not isinstance(model, nn.parallel.DistributedDataParallel):
         hidden, _, causal_lm = _final_hidden(model, batch)
-        hidden = hidden[
-            :, -batch["input_ids"].shape[1] :
-        ]  # as below: not a soft prompt's positions
-        h, y = hidden[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten()
-        keep = y != IGNORE_INDEX
-        h, y = h[keep], y[keep]
-        head = causal_lm.get_output_embeddings()
-        cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+        # as below: a soft prompt's positions are not scored
+        h, y = _predicted(hidden[:, -batch["input_ids"].shape[1] :], batch["labels"])
+        head, cap = _head(causal_lm)
         nll = sum(
             (_chunk_nll(head, h[i : i + chunk_tokens], y[i : i + chunk_tokens], cap)
              for i in range(0, len(y), chunk_tokens)),
             torch.zeros((), device=hidden.device),
         )  # fmt: skip
-        return nll, keep.sum()
+        return nll, torch.tensor(len(y), device=hidden.device)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits[:, -batch["input_ids"].shape[1] :]  # a soft prompt's positions come first
     targets = batch["labels"][:, 1:]
@@ -64,13 +59,10 @@ def chunked_lm_loss(chunk_tokens: int) -> LossFn:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             return lm_loss(model, batch)
         hidden, labels, causal_lm = _final_hidden(model, batch)
-        h, y = hidden[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
-        keep = y != IGNORE_INDEX
-        h, y = h[keep], y[keep]
+        h, y = _predicted(hidden, labels)
         if not len(y):
             return hidden.sum() * 0.0
-        head = causal_lm.get_output_embeddings()
-        cap = getattr(causal_lm.config, "final_logit_softcapping", None)
+        head, cap = _head(causal_lm)
         total = sum(
             checkpoint(
                 _chunk_nll,
@@ -85,6 +77,20 @@ def chunked_lm_loss(chunk_tokens: int) -> LossFn:
         return total / len(y)
 
     return loss
+
+
+def _predicted(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each position's hidden state and the next token it is scored on (unlabelled ones dropped)."""
+    h, y = hidden[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+    keep = y != IGNORE_INDEX
+    return h[keep], y[keep]
+
+
+def _head(causal_lm: nn.Module) -> tuple[nn.Module, float | None]:
+    """The output head and the final logit soft-cap (Gemma 2), if any."""
+    return causal_lm.get_output_embeddings(), getattr(
+        causal_lm.config, "final_logit_softcapping", None
+    )
 
 
 def _chunk_nll(
