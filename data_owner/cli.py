@@ -15,7 +15,6 @@ from offsite.artefacts.bundle import Bundle, check_bundle_model, open_bundle
 from offsite.artefacts.signing import Signer, load_private
 from offsite.errors import OffsiteError
 from offsite.exchange.credentials import Credentials, load_credentials
-from offsite.training.allocator import limit_heap_growth
 from offsite.training.finetune import FinetuneJob, finetune_bundle, round_schedule
 from offsite_cli.args import add_dp, add_eval, add_peft, add_training, peft_options, train_config
 from offsite_cli.progress import TrainingBar, perplexity_with_bar
@@ -83,8 +82,6 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    if args.low_memory:
-        limit_heap_growth()  # before anything is loaded
     cfg = train_config(args)
     if (args.bundle is None) == (args.server is None):
         raise OffsiteError("give exactly one of --bundle DIR or --server ADDR")
@@ -137,8 +134,6 @@ def cmd_join(args: argparse.Namespace) -> None:
     """Federated rounds: fetch each round's bundle, fine-tune, submit, until --rounds are done."""
     from offsite.transport.join import join
 
-    if args.low_memory:
-        limit_heap_growth()
     cfg = train_config(args)
     if not args.credentials:
         raise OffsiteError(

@@ -234,7 +234,7 @@ def test_low_memory_finetune_returns_the_same_adapter(flow, tmp_path, monkeypatc
     """--low-memory sets the allocator (recorded here: it is process-wide) and, in float32 with
     checkpointing, holds a bf16 bundle's frozen weights in bf16: the adapter is bit-identical."""
     calls = []
-    monkeypatch.setattr("data_owner.cli.limit_heap_growth", lambda: calls.append(1))
+    monkeypatch.setattr("offsite.training.finetune.limit_heap_growth", lambda: calls.append(1))
     bundle = tmp_path / "bundle"
     assert owner(["package-emulator", "--model", str(flow / "model"), "--out", str(bundle),
                   "--emulator-layers", "2", "--dtype", "bfloat16"]) == 0  # fmt: skip

@@ -8,7 +8,8 @@ temporaries. Fixing the threshold keeps every block of 1 MiB or more in its own 
 price in speed (each such block is mapped, faulted in and unmapped anew). Measured on
 SmolLM2-135M (`scripts/bench_finetune.py`'s settings, float32, LoRA with checkpointing): peak RSS
 1305 -> 1011 MiB, full fine-tuning 4508 -> 3926 MiB, and about 30% fewer tokens/s. So it is the
-user's choice (`data-owner finetune --low-memory`), made before anything is loaded.
+user's choice (`data-owner finetune --low-memory`, `FinetuneJob.low_memory`), made before
+anything is loaded.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ _applied = False
 
 def limit_heap_growth() -> bool:
     """Fix glibc's mmap threshold at 1 MiB for this process (once); returns whether it is set.
-    Process-wide: for a command's entry point, not for library code.
+    Process-wide: only where the user asked for it, before the model is loaded.
 
     Nothing is done if the user set MALLOC_MMAP_THRESHOLD_ themselves, or the C library is not
     glibc (musl, macOS, Windows: their allocators do not raise a threshold)."""
