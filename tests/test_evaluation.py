@@ -1,7 +1,9 @@
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
+from tiny import FAMILIES, VOCAB, tiny_model
 from torch import nn
 
 from offsite.evaluation.perplexity import perplexity
@@ -51,3 +53,16 @@ def test_ignored_labels_are_not_counted():
     assert math.isclose(
         result["perplexity"], math.exp((-math.log(1 / 6) - math.log(0.5)) / 2), rel_tol=1e-6
     )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_perplexity_in_chunks_equals_perplexity_whole(family):
+    # the head applied a few positions at a time (the default) scores exactly what whole logits do
+    g = torch.Generator().manual_seed(0)
+    rows = [(ids, ids) for ids in torch.randint(0, VOCAB, (3, 9), generator=g).tolist()]
+    rows.append((rows[0][0][:5], [IGNORE_INDEX] * 2 + rows[0][0][2:5]))  # padded, partly unlabelled
+    model = tiny_model(family)
+    whole = perplexity(model, _data(rows), batch_size=4, chunk_tokens=0)
+    chunked = perplexity(model, _data(rows), batch_size=4, chunk_tokens=5)
+    assert chunked["tokens"] == whole["tokens"]
+    assert math.isclose(chunked["perplexity"], whole["perplexity"], rel_tol=1e-5)

@@ -10,7 +10,7 @@ from torch import nn
 
 from offsite.models.modes import eval_mode
 from offsite.training.data import TokenData, collate, load_data, pad_id_of
-from offsite.training.loss import batch_nll
+from offsite.training.loss import CHUNK_TOKENS, batch_nll
 
 
 @torch.no_grad()
@@ -22,14 +22,16 @@ def perplexity(
     pad_id: int = 0,
     device: torch.device | str | None = None,
     on_batch: Callable[[int], None] | None = None,
+    chunk_tokens: int = CHUNK_TOKENS,
 ) -> dict[str, float | int]:
-    """Perplexity of `model` on `data`, as a JSON-ready dict."""
+    """Perplexity of `model` on `data`, as a JSON-ready dict; the head is applied `chunk_tokens`
+    positions at a time (0: the whole batch's logits at once)."""
     device = device or next(model.parameters()).device
     total, count = 0.0, 0
     with eval_mode(model):
         for start in range(0, len(data), batch_size):
             batch = collate(data.examples[start : start + batch_size], pad_id)
-            nll, n = batch_nll(model, {k: v.to(device) for k, v in batch.items()})
+            nll, n = batch_nll(model, {k: v.to(device) for k, v in batch.items()}, chunk_tokens)
             total += float(nll)
             count += int(n)
             if on_batch:

@@ -31,7 +31,14 @@ from offsite.training.checkpoint import (
     save_checkpoint,
 )
 from offsite.training.data import TokenData, collate
-from offsite.training.loss import LossFn, batch_nll, causal_lm_of, chunked_lm_loss, lm_loss
+from offsite.training.loss import (
+    CHUNK_TOKENS,
+    LossFn,
+    batch_nll,
+    causal_lm_of,
+    chunked_lm_loss,
+    lm_loss,
+)
 from offsite.training.privacy import DPConfig, privatize, spent
 
 log = logging.getLogger(__name__)
@@ -58,9 +65,8 @@ class TrainConfig:
     save_every: int = 50
     eval_every: int = 0
     dp: DPConfig | None = None  # DP-SGD (per-sample clipping + noise) for the whole run
-    # the loss over this many positions at a time (0: the model's own loss, full logits at once);
-    # SmolLM2, 4x256 tokens a step: peak RSS 1.96 GB at 256 against 2.46 GB at 1024
-    loss_chunk_tokens: int = 256
+    # the loss over this many positions at a time (0: the model's own loss, full logits at once)
+    loss_chunk_tokens: int = CHUNK_TOKENS
     gradient_checkpointing: bool = False  # recompute block activations in the backward pass
     # this run is part i of n equal parts of one run: its learning-rate schedule and its batch order
     # (federated rounds: round i continues where round i-1 left off, instead of restarting the

@@ -13,6 +13,10 @@ from offsite.training.data import IGNORE_INDEX
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
+# positions whose full-vocabulary logits exist at once, in training and scoring alike
+# (SmolLM2, 4x256 tokens a step: peak RSS 1.96 GB at 256 against 2.46 GB at 1024)
+CHUNK_TOKENS = 256
+
 
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's own next-token loss (labels shifted inside the model)."""
@@ -24,8 +28,14 @@ def batch_nll(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL and the number of tokens it covers (labels shifted by one);
     `chunk_tokens` > 0: the head applied that many positions at a time (as the training loss), so
-    the full-vocabulary logits of the whole batch never exist at once."""
-    if chunk_tokens > 0 and not isinstance(model, nn.parallel.DistributedDataParallel):
+    the full-vocabulary logits of the whole batch never exist at once (a model with no output
+    head to apply, or one under DistributedDataParallel, is scored whole)."""
+    chunkable = hasattr(causal_lm_of(model), "get_output_embeddings")
+    if (
+        chunk_tokens > 0
+        and chunkable
+        and not isinstance(model, nn.parallel.DistributedDataParallel)
+    ):
         hidden, _, causal_lm = _final_hidden(model, batch)
         # as below: a soft prompt's positions are not scored
         h, y = _predicted(hidden[:, -batch["input_ids"].shape[1] :], batch["labels"])
