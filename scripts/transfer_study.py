@@ -5,7 +5,8 @@
 
 A recipe is NAME[:key=value,...]: NAME is `drop` (selection only) or `layerwise`; keys: sel
 (redundancy|uniform|similarity), k (middle blocks kept; default half), bottom/top (adapter
-blocks), steps, lr, inputs (teacher|emulator), noise, seqs, gw (gradient-matching weight). Each recipe's emulator is built once
+blocks), steps, lr, inputs (teacher|emulator), noise, seqs, gw (gradient-matching weight), data (the
+owner's sample text for selection and fitting; default the built-in sample). Each recipe's emulator is built once
 (timed), scored by the owner-side transfer score, then run through the five settings on every
 task with the same batches; the full-model ceiling is measured once per task. Writes
 OUT/rows.jsonl (one row per recipe and task, appended as they finish), OUT/table.md, and prints
@@ -56,7 +57,8 @@ def build(full, tok, spec: str) -> tuple:
     elif name != "drop":
         raise SystemExit(f"unknown recipe {name!r}")
     t0 = time.perf_counter()
-    recipe = EmulatorRecipe(selection=kv.get("sel", "redundancy"), layerwise=layerwise)
+    recipe = EmulatorRecipe(selection=kv.get("sel", "redundancy"), layerwise=layerwise,
+                            selection_data=Path(kv["data"]) if "data" in kv else None)  # fmt: skip
     emulator, plan, record = make_emulator(full, tok, plan, recipe)
     return emulator, plan, record, time.perf_counter() - t0
 

@@ -12,6 +12,7 @@ from offsite.artefacts.adapter import (
     save_adapter,
 )
 from offsite.artefacts.merge import verify_adapter
+from offsite.artefacts.tensorcheck import all_finite
 from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import make_plan
 from offsite.models.architectures import block_prefix
@@ -74,3 +75,23 @@ def test_finetuned_adapter_changes_only_the_adapter_blocks(
     assert torch.equal(
         extract_adapter(emulator, bundle)[next(iter(trained))], trained[next(iter(trained))]
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_one_non_finite_value_anywhere_is_found(dtype):
+    # the min/max reduction behind the check must see a single NaN or infinity wherever it lies
+    shape = (33, 70)
+    assert all_finite(torch.randn(shape).to(dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for pos in (0, 1000, 33 * 70 - 1):
+            t = torch.randn(shape).to(dtype)
+            t.view(-1)[pos] = bad
+            assert not all_finite(t), (bad, pos)
+
+
+def test_finiteness_of_tensors_without_a_min_max_reduction():
+    assert all_finite(torch.zeros(0)) and all_finite(torch.arange(5))
+    t = torch.zeros(4, dtype=torch.float8_e4m3fn)
+    assert all_finite(t)
+    t[2] = float("nan")
+    assert not all_finite(t)

@@ -81,6 +81,31 @@ def test_streamed_bundle_is_sharded_trains_and_merges_back(tokenizer, tmp_path, 
     assert merged.dtype == torch.bfloat16 and len(merged.model.layers) == DEPTH
 
 
+@pytest.mark.parametrize("fallback", ["not between these files", "no such call"])
+def test_bundle_bytes_are_the_same_when_the_kernel_cannot_copy(fallback, tokenizer, tmp_path, monkeypatch):  # fmt: skip
+    # tensors are byte-copied in the kernel (copy_file_range) where it can; else through a buffer
+    import errno
+    import os
+
+    source = _save("llama", torch.bfloat16, tmp_path / "full", tokenizer)
+
+    def weights(out):
+        bundle = package(PackageSpec(out=tmp_path / out, model=str(source), emulator_layers=2,
+                                     recipe=FORWARD_FREE, stream=True))  # fmt: skip
+        return {p.name: p.read_bytes() for p in bundle.path.glob("*.safetensors")}
+
+    kernel = weights("kernel")
+    if fallback == "no such call":
+        monkeypatch.delattr(os, "copy_file_range")
+    else:
+
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    assert weights("buffered") == kernel and kernel
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_streamed_selection_and_layerwise_fitting_equal_the_in_memory_ones(family, dtype, tokenizer, corpus_file, tmp_path):  # fmt: skip

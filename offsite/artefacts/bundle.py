@@ -109,7 +109,7 @@ def write_bundle(
 
 
 def write_bundle_files(
-    write: Callable[[Path], None],
+    write: Callable[[Path], dict[str, str] | None],
     tokenizer,
     manifest: dict,
     out: str | Path,
@@ -117,16 +117,18 @@ def write_bundle_files(
     overwrite: bool = False,
     signer: Signer | None = None,
 ) -> Bundle:
-    """A bundle whose model files `write(tmp)` puts in place, with tokenizer and (signed) manifest."""
+    """A bundle whose model files `write(tmp)` puts in place, with tokenizer and (signed) manifest.
+
+    `write` may return the sha256 of files it hashed itself; every file is hashed once."""
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        write(tmp)
+        known = write(tmp) or {}
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        manifest = {**manifest, "files": hash_files(tmp, NOT_HASHED)}
+        manifest = {**manifest, "files": hash_files(tmp, NOT_HASHED, known)}
         write_json_atomic(tmp / MANIFEST_NAME, manifest)
         if signer is not None:
             signer.sign(tmp / MANIFEST_NAME, tmp / SIGNATURE_NAME)
-    return open_bundle(out)
+    return open_bundle(out, hashed=manifest["files"])  # the digests just taken of these files
 
 
 def open_bundle(

@@ -43,13 +43,16 @@ def field(data: dict[str, Any], key: str, typ: type | tuple[type, ...], where: P
     return value
 
 
-def hash_files(root: Path, exclude: tuple[str, ...]) -> dict[str, str]:
-    """sha256 of every regular file under `root` (relative posix paths), except `exclude`."""
-    out = {}
+def hash_files(
+    root: Path, exclude: tuple[str, ...], known: dict[str, str] | None = None
+) -> dict[str, str]:
+    """sha256 of every regular file under `root` (relative posix paths), except `exclude`;
+    `known`: digests the caller already took of some of these files."""
+    out, known = {}, known or {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
         if p.is_file() and rel not in exclude:
-            out[rel] = sha256_file(p)
+            out[rel] = known.get(rel) or sha256_file(p)
     return out
 
 

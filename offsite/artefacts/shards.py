@@ -8,8 +8,10 @@ writer that assembles a safetensors file from byte ranges of other files (stream
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -100,8 +102,16 @@ def read_bytes(entry: Entry) -> Iterator[bytes]:
 
 
 def load_tensor(entry: Entry) -> torch.Tensor:
-    """One tensor, read from its byte range."""
-    data = bytearray(b"".join(read_bytes(entry)))
+    """One tensor, read from its byte range straight into the memory it will use."""
+    data = bytearray(entry.end - entry.start)
+    with open(entry.file, "rb", buffering=0) as f:
+        f.seek(entry.start)
+        view = memoryview(data)
+        while view:
+            n = f.readinto(view)
+            if not n:
+                raise OffsiteError(f"{entry.file}: ends before its header says it should")
+            view = view[n:]
     flat = (
         torch.frombuffer(data, dtype=getattr(torch, entry.dtype))
         if data
@@ -215,12 +225,50 @@ def write_from_ranges(
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
+    head = len(raw).to_bytes(8, "little") + raw
+    with open(path, "wb", buffering=0) as f:
+        at = _write_at(f.fileno(), head, 0)
         for e in tensors.values():
-            for chunk in read_bytes(e):
-                f.write(chunk)
+            at = _copy_range(e, f.fileno(), at)
+
+
+def _write_at(fd: int, data: bytes, at: int) -> int:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
+    return at
+
+
+# copy_file_range fails with these where the kernel or the file systems cannot copy between the
+# two files (another file system on older kernels, no support, a sandbox): copy through a buffer
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM}
+
+
+def _copy_range(e: Entry, dst: int, at: int) -> int:
+    """Copy a tensor's bytes into the file `dst` at offset `at`; returns the offset after them.
+
+    In the kernel (copy_file_range: no pass through Python's memory, 4x faster here than reading
+    and writing 8 MiB chunks) where the OS can; otherwise through a buffer."""
+    kernel = getattr(os, "copy_file_range", None)
+    with open(e.file, "rb", buffering=0) as f:
+        start, left = e.start, e.end - e.start
+        while left:
+            n = 0
+            if kernel is not None:
+                try:
+                    n = kernel(f.fileno(), dst, left, start, at)
+                except OSError as err:
+                    if err.errno not in _NO_KERNEL_COPY:
+                        raise
+                    kernel = None
+                    continue
+            else:
+                n = _write_at(dst, os.pread(f.fileno(), min(_CHUNK, left), start), at) - at
+            if not n:
+                raise OffsiteError(f"{e.file}: ends before its header says it should")
+            start, at, left = start + n, at + n, left - n
+    return at
 
 
 def meta_model(root: Path, dtype: torch.dtype | None = None):

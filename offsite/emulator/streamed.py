@@ -26,6 +26,7 @@ from offsite.artefacts.shards import (
     write_entries,
 )
 from offsite.artefacts.signing import Signer
+from offsite.atomic import sha256_file
 from offsite.emulator.blockwise import (
     BlockwiseModel,
     block_stats_blockwise,
@@ -107,7 +108,7 @@ def package_streaming(
     set_blocks(model, list(plan.emulator_order))  # the emulator's config: depth and per-layer lists
     manifest = bundle_manifest(model, plan, spec.model, "", {"emulator_recipe": record, **(extra or {})})  # fmt: skip
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Path) -> dict[str, str]:
         with ThreadPoolExecutor(1) as pool:  # the full model is hashed while the bundle is built
             hashing = pool.submit(stream_fingerprint, source, names)
             model.config.save_pretrained(tmp)
@@ -121,8 +122,11 @@ def package_streaming(
                 tensors.update(_fitted(scratch, tensors))
             write_entries(tmp, tensors)
             shutil.rmtree(scratch, ignore_errors=True)
+            # the bundle's weights are hashed while the full model's fingerprint still runs
+            digests = {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}
             # filled in before write_bundle_files writes the manifest
             manifest["base_model"]["fingerprint"] = hashing.result()
+            return digests
 
     return write_bundle_files(write, tokenizer, manifest, spec.out, overwrite=spec.overwrite, signer=signer)  # fmt: skip
 
