@@ -5,7 +5,7 @@ adapter carry more of its gain to the full model, tried on the default half-dept
 Run from the repository root, one probe at a time:
 
     OMP_NUM_THREADS=2 PYTHONPATH=. python docs/results/adapter-probes-prototype.py scale
-    ... lr 0.3 | lr 3 | depth-dropout 0.15 | share | repair
+    ... lr 0.3 | lr 3 | depth-dropout 0.15 | share | repair | seed 1
 
 scale: the returned update scaled per role at plug-in (bottom/top); lr M: the bottom adapter at M
 times the learning rate; depth-dropout P: each kept middle block skipped with probability P in
@@ -13,6 +13,7 @@ every training step; share: a depth-preserving emulator, each kept block applied
 of its span (weights shared) and fitted layer-wise so the repeated block maps the span's input to
 its output; repair: the owner first trains the adapter through the emulator on its own sample
 (40 steps), ships that as the adapter's start, and plugs in only the data owner's update from it.
+seed N: the default again with another batch order (the spread between runs).
 Kept as the record of how those rows were measured; not part of the library (none helps).
 """
 
@@ -184,7 +185,8 @@ def main() -> None:
     hooks = depth_dropout(list(layers)[2:-2], arg) if probe == "depth-dropout" else []
     if probe == "lr":
         loop._optimizer = per_role_optimizer(layers, arg)
-    train(student, data, CFG, pad_id=pad_id_of(tok))
+    cfg = replace(CFG, seed=int(arg)) if probe == "seed" else CFG
+    train(student, data, cfg, pad_id=pad_id_of(tok))
     for h in hooks:
         h.remove()
     student.eval()
