@@ -6,7 +6,8 @@
 A recipe is NAME[:key=value,...]: NAME is `drop` (selection only) or `layerwise`; keys: sel
 (redundancy|uniform|similarity), k (middle blocks kept; default half), bottom/top (adapter
 blocks), steps, lr, inputs (teacher|emulator), noise, seqs, gw (gradient-matching weight), data (the
-owner's sample text for selection and fitting; default the built-in sample). Each recipe's emulator is built once
+owner's sample text for selection and fitting; default the built-in sample), e2e (then that many
+steps of end-to-end distillation on the same text). Each recipe's emulator is built once
 (timed), scored by the owner-side transfer score, then run through the five settings on every
 task with the same batches; the full-model ceiling is measured once per task. Writes
 OUT/rows.jsonl (one row per recipe and task, appended as they finish), OUT/table.md, and prints
@@ -57,8 +58,13 @@ def build(full, tok, spec: str) -> tuple:
     elif name != "drop":
         raise SystemExit(f"unknown recipe {name!r}")
     t0 = time.perf_counter()
+    # then this many steps of end-to-end distillation on the same text
+    e2e = int(kv.get("e2e", 0))
+    distill = ({"distill_data": Path(kv.get("data", PUBLIC_SAMPLE)),
+                "distill": TrainConfig(max_steps=e2e, learning_rate=1e-4, warmup_steps=max(1, e2e // 10), save_every=0)}
+               if e2e else {})  # fmt: skip
     recipe = EmulatorRecipe(selection=kv.get("sel", "redundancy"), layerwise=layerwise,
-                            selection_data=Path(kv["data"]) if "data" in kv else None)  # fmt: skip
+                            selection_data=Path(kv["data"]) if "data" in kv else None, **distill)  # fmt: skip
     emulator, plan, record = make_emulator(full, tok, plan, recipe)
     return emulator, plan, record, time.perf_counter() - t0
 
