@@ -11,7 +11,8 @@ steps of end-to-end distillation on the same text). Each recipe's emulator is bu
 (timed), scored by the owner-side transfer score, then run through the five settings on every
 task with the same batches; the full-model ceiling is measured once per task. Writes
 OUT/rows.jsonl (one row per recipe and task, appended as they finish), OUT/table.md, and prints
-the Spearman rank correlation between the transfer score and the gap closed.
+the Spearman rank correlation between the transfer score and the gap closed. `--from-rows` tables
+and plots earlier runs' rows together without building anything.
 """
 
 from __future__ import annotations
@@ -158,9 +159,22 @@ def main() -> None:
     p.add_argument("--eval-limit", type=int, default=300)
     p.add_argument("--train-limit", type=int, default=2000)
     p.add_argument("--out", default="runs/transfer_study")
+    p.add_argument("--from-rows", nargs="+", default=None, metavar="ROWS_JSONL",
+                   help="build nothing: table and plot the rows of earlier runs (OUT/table.md, OUT/frontier.png)")  # fmt: skip
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.from_rows:
+        rows = [
+            json.loads(line)
+            for f in a.from_rows
+            for line in Path(f).read_text().splitlines()
+            if line.strip()
+        ]
+        (out / "table.md").write_text(table(rows))
+        plot(rows, out / "frontier.png")
+        print(table(rows))
+        return
     full, tok = (
         load_model(a.model, torch.float32),
         load_tokenizer(a.model),

@@ -51,6 +51,13 @@ def test_transfer_study_writes_rows_table_and_frontier(tmp_path, monkeypatch):
         for r in rows
     )
     assert (tmp_path / "t" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # earlier runs' rows, tabled and plotted together with nothing built
+    rows_file = str(tmp_path / "t" / "rows.jsonl")
+    argv = ["transfer_study", "--from-rows", rows_file, rows_file, "--out", str(tmp_path / "again")]
+    monkeypatch.setattr(sys, "argv", argv)
+    transfer_study.main()
+    assert (tmp_path / "again" / "table.md").read_text().count("\n") == 2 + 2 * len(rows)
+    assert (tmp_path / "again" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_realign_study_compares_a_kept_and_a_realigned_emulator(tmp_path, monkeypatch, capsys):
