@@ -11,8 +11,9 @@ steps of end-to-end distillation on the same text). Each recipe's emulator is bu
 (timed), scored by the owner-side transfer score, then run through the five settings on every
 task with the same batches; the full-model ceiling is measured once per task. Writes
 OUT/rows.jsonl (one row per recipe and task, appended as they finish), OUT/table.md, and prints
-the Spearman rank correlation between the transfer score and the gap closed. `--from-rows` tables
-and plots earlier runs' rows together without building anything.
+the Spearman rank correlation between the transfer score and the gap closed. `--seed` sets the batch
+order of every setting (the task's item sample stays fixed); `--from-rows` tables and plots
+earlier runs' rows together without building anything.
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ def main() -> None:
     p.add_argument("--full-learning-rate", type=float, default=2e-4)
     p.add_argument("--eval-limit", type=int, default=300)
     p.add_argument("--train-limit", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="the batch order's seed (every setting's)")  # fmt: skip
     p.add_argument("--out", default="runs/transfer_study")
     p.add_argument("--from-rows", nargs="+", default=None, metavar="ROWS_JSONL",
                    help="build nothing: table and plot the rows of earlier runs (OUT/table.md, OUT/frontier.png)")  # fmt: skip
@@ -187,6 +189,7 @@ def main() -> None:
         learning_rate=a.learning_rate,
         warmup_steps=2,
         save_every=0,
+        seed=a.seed,
     )
     sample = load_data(PUBLIC_SAMPLE, tok, 128)
     sample = replace(
@@ -205,7 +208,7 @@ def main() -> None:
             r = evaluate_offsite(full, tok, plan, emulator, task, cfg, full_learning_rate=a.full_learning_rate,
                                  ceiling=ceilings.get(task.name))  # fmt: skip
             ceilings[task.name] = r["full_finetuned"]
-            row = {"recipe": spec, "build_s": round(seconds, 1), "transfer": score, "kept": list(plan.kept),
+            row = {"recipe": spec, "seed": a.seed, "build_s": round(seconds, 1), "transfer": score, "kept": list(plan.kept),
                    "adapter": list(plan.adapter), "record": record, **{k: v for k, v in r.items() if k != "curves"}}  # fmt: skip
             rows.append(row)
             with (out / "rows.jsonl").open("a") as f:

@@ -40,11 +40,14 @@ def test_transfer_study_writes_rows_table_and_frontier(tmp_path, monkeypatch):
 
     save_tiny("llama", tmp_path / "model")
     argv = ["transfer_study", "--model", str(tmp_path / "model"), "--recipes", "drop", "layerwise:steps=3,bottom=1,top=3",
-            "--steps", "2", "--out", str(tmp_path / "t")]  # fmt: skip
+            "--steps", "2", "--seed", "3", "--out", str(tmp_path / "t")]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     transfer_study.main()
     rows = [json.loads(line) for line in (tmp_path / "t" / "rows.jsonl").read_text().splitlines()]
-    assert [r["recipe"] for r in rows] == ["drop", "layerwise:steps=3,bottom=1,top=3"]
+    assert [(r["recipe"], r["seed"]) for r in rows] == [
+        ("drop", 3),
+        ("layerwise:steps=3,bottom=1,top=3", 3),
+    ]
     assert rows[1]["adapter"] == [0, 5, 6, 7] and "layerwise" in rows[1]["record"]
     assert all(
         -1 <= r["transfer"]["mean"] <= 1 and r["full_finetuned"] == rows[0]["full_finetuned"]
