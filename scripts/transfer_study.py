@@ -165,18 +165,12 @@ def main() -> None:
                    help="build nothing: table and plot the rows of earlier runs (OUT/table.md, OUT/frontier.png)")  # fmt: skip
     a = p.parse_args()
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     if a.from_rows:
-        rows = [
-            json.loads(line)
-            for f in a.from_rows
-            for line in Path(f).read_text().splitlines()
-            if line.strip()
-        ]
-        (out / "table.md").write_text(table(rows))
-        plot(rows, out / "frontier.png")
-        print(table(rows))
+        rows = read_rows(a.from_rows, p.error)  # before anything is written
+        out.mkdir(parents=True, exist_ok=True)
+        report(rows, out)
         return
+    out.mkdir(parents=True, exist_ok=True)
     full, tok = (
         load_model(a.model, torch.float32),
         load_tokenizer(a.model),
@@ -214,6 +208,24 @@ def main() -> None:
             with (out / "rows.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(table([row]).splitlines()[-1], flush=True)
+    report(rows, out)
+
+
+def read_rows(files: list[str], error) -> list[dict]:
+    """The rows of earlier runs' rows.jsonl files; `error` (argparse's) on an unreadable one."""
+    rows = []
+    for f in files:
+        try:
+            rows += [json.loads(line) for line in Path(f).read_text().splitlines() if line.strip()]
+        except (OSError, ValueError) as e:
+            error(
+                f"--from-rows {f}: not a readable rows.jsonl ({e}); give a transfer study's OUT/rows.jsonl"
+            )
+    return rows
+
+
+def report(rows: list[dict], out: Path) -> None:
+    """OUT/table.md, OUT/frontier.png, and the table and each task's rank correlation printed."""
     (out / "table.md").write_text(table(rows))
     plot(rows, out / "frontier.png")
     print(table(rows))

@@ -3,6 +3,7 @@
 import json
 import sys
 
+import pytest
 from tiny import save_tiny
 
 from offsite.evaluation.five_settings import Scoreboard
@@ -61,6 +62,18 @@ def test_transfer_study_writes_rows_table_and_frontier(tmp_path, monkeypatch):
     transfer_study.main()
     assert (tmp_path / "again" / "table.md").read_text().count("\n") == 2 + 2 * len(rows)
     assert (tmp_path / "again" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a missing rows file: one line, exit 2, nothing written
+    argv = [
+        "transfer_study",
+        "--from-rows",
+        str(tmp_path / "none.jsonl"),
+        "--out",
+        str(tmp_path / "bad"),
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        transfer_study.main()
+    assert exit_.value.code == 2 and not (tmp_path / "bad").exists()
 
 
 def test_realign_study_compares_a_kept_and_a_realigned_emulator(tmp_path, monkeypatch, capsys):
