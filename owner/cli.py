@@ -264,6 +264,9 @@ def _add_federate(sub) -> None:
     )
     p.add_argument("--deadline", type=float, default=3600.0,
                    help="close a round after this many seconds with whatever arrived (default 3600)")  # fmt: skip
+    p.add_argument("--max-weight-ratio", type=float, default=4.0,
+                   help="no member's adapter weighs more than this times the smallest token count received "
+                   "in its round (signed counts are claims the owner cannot check; default 4)")  # fmt: skip
     p.add_argument(
         "--poll", type=float, default=5.0, help="seconds between looks at the registry (default 5)"
     )

@@ -154,7 +154,8 @@ def cmd_adapters(args: argparse.Namespace) -> None:
 def cmd_federate(args: argparse.Namespace) -> None:
     """Run (or resume) FedAvg rounds: issue each round's bundles, wait for the adapters, average."""
     spec = FederationSpec(name=args.name, base_bundle=Path(args.bundle), model=args.model, members=args.members,
-                          rounds=args.rounds, quorum=args.quorum, deadline_s=args.deadline)  # fmt: skip
+                          rounds=args.rounds, quorum=args.quorum, deadline_s=args.deadline,
+                          max_weight_ratio=args.max_weight_ratio)  # fmt: skip
     show = lambda s: print(f"== round {s['round'] + 1}/{s['rounds']}: {s['state']} {s['members']}",  # noqa: E731
                            file=sys.stderr, flush=True)  # fmt: skip
     print_json(

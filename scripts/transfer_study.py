@@ -11,9 +11,19 @@ steps of end-to-end distillation on the same text). Each recipe's emulator is bu
 (timed), scored by the owner-side transfer score, then run through the five settings on every
 task with the same batches; the full-model ceiling is measured once per task. Writes
 OUT/rows.jsonl (one row per recipe and task, appended as they finish), OUT/table.md, and prints
-the Spearman rank correlation between the transfer score and the gap closed. `--seed` sets the batch
-order of every setting (the task's item sample stays fixed); `--from-rows` tables and plots
-earlier runs' rows together without building anything.
+the Spearman rank correlation between the transfer score and the gap closed. `--seeds 0 1 2` runs
+every recipe x task once per seed (the batch order of every setting and the task's sample of items);
+OUT/summary.md then gives each recipe x task's mean and 95% interval of the gap closed and the
+privacy margin, and a floor counts as kept only when the interval's lower end keeps it. The
+full-model ceiling of each task and seed is kept in OUT/ceilings.json, so later runs into the same
+OUT (another recipe) reuse it. `--from-rows` tables and plots earlier runs' rows together without
+building anything.
+
+The realistic budget (README "Utility figures"):
+
+    python -m scripts.transfer_study --recipes layerwise --task tinyshakespeare --task sst2 \
+        --task arc-easy --task agnews --data-root ../shared/data --seeds 0 1 2 --steps 200 \
+        --block-size 256 --eval-limit 1000 --mixed-precision bf16 --out runs/realistic
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,7 +47,8 @@ from offsite.evaluation.tasks import PerplexityTask, build_task
 from offsite.models.architectures import num_blocks
 from offsite.models.loading import load_model, load_tokenizer
 from offsite.training.data import load_data, pad_id_of
-from offsite.training.loop import TrainConfig
+from offsite.training.loop import PRECISIONS, TrainConfig
+from scripts.intervals import fmt, interval, kept
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 
@@ -72,19 +84,28 @@ def build(full, tok, spec: str) -> tuple:
 
 
 def tasks_for(
-    names: list[str], root: str | None, block_size: int, eval_limit: int, train_limit: int
+    names: list[str],
+    root: str | None,
+    block_size: int | None,
+    eval_limit: int,
+    train_limit: int,
+    seed: int = 42,
 ) -> list:
+    """The tasks by name; `seed` samples the items of choice tasks (and splits files without a test)."""
     out = []
     for n in names:
         if n == "shakespeare":
             out.append(
                 PerplexityTask.from_files(
-                    SAMPLES / "shakespeare-train.txt", SAMPLES / "shakespeare-test.txt", 128, 48
+                    SAMPLES / "shakespeare-train.txt",
+                    SAMPLES / "shakespeare-test.txt",
+                    block_size or 128,
+                    48 * 128 // (block_size or 128),
                 )
             )
         else:
             out.append(build_task(load_task(n), data_root(root), block_size=block_size, eval_limit=eval_limit,
-                                  train_limit=train_limit, seed=42))  # fmt: skip
+                                  train_limit=train_limit, seed=seed))  # fmt: skip
     return out
 
 
@@ -147,7 +168,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--recipes", nargs="+", default=["drop", "layerwise"])
@@ -155,14 +176,24 @@ def main() -> None:
     p.add_argument("--data-root", default=None)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per sequence (default 128 for text tasks, 256 for choice tasks)")  # fmt: skip
     p.add_argument("--learning-rate", type=float, default=1e-3, help="the adapter's")
     p.add_argument("--full-learning-rate", type=float, default=2e-4)
+    p.add_argument("--mixed-precision", choices=PRECISIONS, default="no")
     p.add_argument("--eval-limit", type=int, default=300)
     p.add_argument("--train-limit", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="the batch order's seed (every setting's)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=None, help="one seed (as --seeds SEED)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run each recipe x task once per seed: batch order and item sample (default 42)")  # fmt: skip
     p.add_argument("--out", default="runs/transfer_study")
     p.add_argument("--from-rows", nargs="+", default=None, metavar="ROWS_JSONL",
                    help="build nothing: table and plot the rows of earlier runs (OUT/table.md, OUT/frontier.png)")  # fmt: skip
+    return p
+
+
+def main() -> None:
+    p = _parser()
     a = p.parse_args()
     out = Path(a.out)
     if a.from_rows:
@@ -170,26 +201,18 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         report(rows, out)
         return
+    seeds = a.seeds or [a.seed if a.seed is not None else TrainConfig.seed]
     out.mkdir(parents=True, exist_ok=True)
     full, tok = (
         load_model(a.model, torch.float32),
         load_tokenizer(a.model),
     )  # as the README's tables
     full.requires_grad_(False)
-    tasks = tasks_for(a.task or ["shakespeare"], a.data_root, None, a.eval_limit, a.train_limit)
-    cfg = TrainConfig(
-        max_steps=a.steps,
-        batch_size=a.batch_size,
-        learning_rate=a.learning_rate,
-        warmup_steps=2,
-        save_every=0,
-        seed=a.seed,
-    )
     sample = load_data(PUBLIC_SAMPLE, tok, 128)
     sample = replace(
         sample, examples=sample.examples[64:80]
     )  # not the sequences layer-wise fits on
-    ceilings: dict[str, float] = {}
+    ceilings = _Ceilings(out / "ceilings.json")
     rows = []
     for spec in a.recipes:
         emulator, plan, record, seconds = build(full, tok, spec)
@@ -198,17 +221,40 @@ def main() -> None:
             f"[{spec}] built in {seconds:.0f}s, kept {list(plan.kept)}, transfer {score}",
             flush=True,
         )
-        for task in tasks:
-            r = evaluate_offsite(full, tok, plan, emulator, task, cfg, full_learning_rate=a.full_learning_rate,
-                                 ceiling=ceilings.get(task.name))  # fmt: skip
-            ceilings[task.name] = r["full_finetuned"]
-            row = {"recipe": spec, "seed": a.seed, "build_s": round(seconds, 1), "transfer": score, "kept": list(plan.kept),
-                   "adapter": list(plan.adapter), "record": record, **{k: v for k, v in r.items() if k != "curves"}}  # fmt: skip
-            rows.append(row)
-            with (out / "rows.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(table([row]).splitlines()[-1], flush=True)
+        for seed in seeds:
+            tasks = tasks_for(a.task or ["shakespeare"], a.data_root, a.block_size, a.eval_limit, a.train_limit, seed)  # fmt: skip
+            cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate, warmup_steps=2,
+                              save_every=0, seed=seed, mixed_precision=a.mixed_precision)  # fmt: skip
+            for task in tasks:
+                key = f"{task.name}|seed={seed}|steps={a.steps}|bs={a.batch_size}|block={a.block_size}|lr={a.full_learning_rate}|mp={a.mixed_precision}|n={a.eval_limit}"  # fmt: skip
+                t0 = time.perf_counter()
+                r = evaluate_offsite(full, tok, plan, emulator, task, cfg, full_learning_rate=a.full_learning_rate,
+                                     ceiling=ceilings.get(key))  # fmt: skip
+                ceilings.put(key, r["full_finetuned"])
+                row = {"recipe": spec, "seed": seed, "build_s": round(seconds, 1), "run_s": round(time.perf_counter() - t0, 1),
+                       "batch_size": a.batch_size, "block_size": a.block_size, "mixed_precision": a.mixed_precision, "transfer": score,
+                       "kept": list(plan.kept), "adapter": list(plan.adapter), "record": record,
+                       **{k: v for k, v in r.items() if k != "curves"}}  # fmt: skip
+                rows.append(row)
+                with (out / "rows.jsonl").open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(table([row]).splitlines()[-1], flush=True)
     report(rows, out)
+
+
+class _Ceilings:
+    """Full-model fine-tuning results by (task, seed, budget), kept in a JSON file between runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, key: str) -> float | None:
+        return self.data.get(key)
+
+    def put(self, key: str, value: float) -> None:
+        self.data[key] = value
+        self.path.write_text(json.dumps(self.data, indent=1, sort_keys=True) + "\n")
 
 
 def read_rows(files: list[str], error) -> list[dict]:
@@ -224,11 +270,107 @@ def read_rows(files: list[str], error) -> list[dict]:
     return rows
 
 
+def budget(r: dict) -> str:
+    """A row's training budget, e.g. '40x4x128'."""
+    block = r.get("block_size") or (128 if r["metric"] == "perplexity" else 256)
+    return f"{r['steps']}x{r.get('batch_size', 4)}x{block}"
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One entry per task x recipe x budget: mean and 95% interval over its seeds, floors by the interval."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["task"], r["recipe"], budget(r))].append(r)
+    out = []
+    for (task, recipe, b), sub in sorted(groups.items()):
+        acc = sub[0]["metric"] == "accuracy"
+        floor = 0.03 if acc else 1.3
+        ivs = {k: interval([r[k] for r in sub if r.get(k) is not None])
+               for k in ("gap_closed", "privacy_margin", "plug_in", "emulator_finetuned", "emulator_zero_shot",
+                         "full_zero_shot", "full_finetuned")}  # fmt: skip
+        emu_ratio = (
+            None if acc else interval([r["emulator_zero_shot"] / r["full_zero_shot"] for r in sub])
+        )
+        out.append({"task": task, "recipe": recipe, "budget": b, "metric": sub[0]["metric"],
+                    "seeds": sorted(r.get("seed") for r in sub), **ivs, "emulator_over_full": emu_ratio,
+                    "margin_floor": floor, "margin_kept": kept(ivs["privacy_margin"], floor),
+                    "emulator_floor_kept": None if emu_ratio is None else kept(emu_ratio, 3.0),
+                    "run_s": interval([r.get("run_s", 0.0) for r in sub])["mean"]})  # fmt: skip
+    return out
+
+
+def summary_table(summary: list[dict]) -> str:
+    head = ("| task | recipe | budget | seeds | full zero-shot | emulator fine-tuned | plug-in | full fine-tuned | "
+            "gap closed | privacy margin | margin floor kept | emulator alone / full |")  # fmt: skip
+    lines = [head, "|" + "---|" * 12]
+    for s in summary:
+        acc = s["metric"] == "accuracy"
+        v = (lambda iv: fmt(iv, 100, 1, "%")) if acc else (lambda iv: fmt(iv, 1, 2))
+        margin = (
+            fmt(s["privacy_margin"], 100, 1, " pts") if acc else fmt(s["privacy_margin"], 1, 2, "x")
+        )
+        ratio = "-" if s["emulator_over_full"] is None else fmt(s["emulator_over_full"], 1, 1, "x")
+        yes = {True: "yes", False: "**no**", None: "n=1"}
+        lines.append(f"| {s['task']} | {s['recipe']} | {s['budget']} | {','.join(map(str, s['seeds']))} | "
+                     f"{v(s['full_zero_shot'])} | {v(s['emulator_finetuned'])} | {v(s['plug_in'])} | "
+                     f"{v(s['full_finetuned'])} | {fmt(s['gap_closed'], 100, 0, '%')} | {margin} | "
+                     f"{yes[s['margin_kept']]} | {ratio} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot_summary(summary: list[dict], path: Path) -> None:
+    """Gap closed against privacy margin with 95% intervals, one point per recipe x budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({s["task"] for s in summary})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], tasks, strict=True):
+        sub = [s for s in summary if s["task"] == name]
+        acc = sub[0]["metric"] == "accuracy"
+        scale = 100 if acc else 1
+        for s in sub:
+            g, m = s["gap_closed"], s["privacy_margin"]
+            err = lambda iv, k: (
+                [[k * (iv["mean"] - iv["low"])], [k * (iv["high"] - iv["mean"])]]
+                if iv["low"] is not None
+                else None
+            )  # noqa: E731
+            ax.errorbar(
+                100 * g["mean"],
+                scale * m["mean"],
+                xerr=err(g, 100),
+                yerr=err(m, scale),
+                fmt="o",
+                capsize=3,
+            )
+            ax.annotate(
+                f"{s['recipe']} {s['budget']}", (100 * g["mean"], scale * m["mean"]), fontsize=7
+            )
+        ax.axhline(3 if acc else 1.3, color="grey", linestyle=":", label="privacy floor")
+        ax.axvline(90, color="green", linestyle=":", label="90% of the gap")
+        ax.set_title(f"{name} (mean and 95% interval over seeds)")
+        ax.set_xlabel("gap closed by the plug-in (%)")
+        ax.set_ylabel(
+            "privacy margin (points)" if acc else "privacy margin (emulator fine-tuned / plug-in)"
+        )
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def report(rows: list[dict], out: Path) -> None:
-    """OUT/table.md, OUT/frontier.png, and the table and each task's rank correlation printed."""
+    """OUT/table.md (every run), OUT/summary.{md,json} and OUT/summary.png (over seeds), printed too."""
     (out / "table.md").write_text(table(rows))
     plot(rows, out / "frontier.png")
+    summary = summarize(rows)
+    (out / "summary.md").write_text(summary_table(summary))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot_summary(summary, out / "summary.png")
     print(table(rows))
+    print(summary_table(summary))
     for name in {r["task"] for r in rows}:
         sub = [r for r in rows if r["task"] == name]
         rho = spearman([r["transfer"]["mean"] for r in sub], [r["gap_closed"] for r in sub])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,3 +204,106 @@ def test_bad_federation_options_get_one_line_errors(fed, capsys):
     expect_error(
         capsys, owner, [*base, "--name", "f2", "--members", "acme,acme", "--rounds", "1"], "once"
     )
+
+
+def _claim(creds, adapter, raw_tokens: str):
+    """The adapter's manifest claiming `raw_tokens` (JSON text), signed again by its data owner."""
+    text = (adapter / ADAPTER_MANIFEST).read_text()
+    manifest = json.loads(text)
+    old = manifest["training"]["tokens_this_run"]
+    (adapter / ADAPTER_MANIFEST).write_text(
+        text.replace(f'"tokens_this_run": {old}', f'"tokens_this_run": {raw_tokens}')
+    )
+    signer_of(creds).sign(adapter / ADAPTER_MANIFEST, adapter / "adapter_manifest.sig")
+    return adapter
+
+
+def _round_bundle(client, root, name):
+    listed = client.list_bundles()
+    return open_bundle(client.fetch_bundle(listed[-1]["bundle_id"], root / f"{name}-r0").path)
+
+
+@pytest.mark.parametrize("claim", ["0", "-5", '"abc"', "1e400", str(10**30), "true", "4.5"])
+def test_an_unsound_token_claim_is_refused_at_arrival_and_the_round_goes_on(fed, claim):
+    """A member's adapter claiming no, negative, non-integer or huge token counts is rejected when
+    it arrives (recorded why); the round closes on the other members, and resuming works."""
+    home, creds, spec, root = fed
+    advance(home, "f1")
+    with thread_server(home) as address:
+        with connect(address, creds["bob"]) as client:
+            bundle = _round_bundle(client, root, "bob")
+            bad = _claim(
+                creds["bob"],
+                Path(_train(creds["bob"], 1)(bundle, root / "bob-bad" / "round-0")),
+                claim,
+            )
+            with pytest.raises(VerificationError, match="tokens_this_run"):
+                client.submit_adapter(bad)
+        with home.registry() as registry:
+            rejected = [a for a in registry.adapters() if a["data_owner"] == "bob"]
+        assert rejected[0]["status"] == "rejected" and "tokens_this_run" in rejected[0]["reason"]
+        assert advance(home, "f1")["members"]["bob"] == "issued"  # bob may still send a sound one
+        for name in ("acme", "carol"):
+            with connect(address, creds[name]) as client:
+                join(client, 1, root / f"work-{name}", _train(creds[name], 1), poll_s=0.1, wait_s=5)
+    closed = advance(home, "f1")
+    assert closed["state"] == "closed" and closed["members"]["bob"] == "straggler"
+    assert advance(home, "f1")["state"] == "issued"  # the next round is issued: nothing is poisoned
+
+
+def test_token_weights_are_capped_by_the_smallest_claim(fed):
+    """bob claims 10^12 tokens against acme's few: bob weighs max_weight_ratio (4) times acme."""
+    home, creds, spec, root = fed
+    advance(home, "f1")
+    with thread_server(home) as address:
+        with connect(address, creds["acme"]) as client:
+            join(client, 1, root / "work-acme", _train(creds["acme"], 1), poll_s=0.1, wait_s=5)
+        with connect(address, creds["bob"]) as client:
+            bundle = _round_bundle(client, root, "bob")
+            greedy = _claim(
+                creds["bob"],
+                Path(_train(creds["bob"], 1)(bundle, root / "work-bob" / "round-0")),
+                str(10**12),
+            )
+            client.submit_adapter(greedy)
+    closed = advance(home, "f1")
+    assert closed["state"] == "closed"
+    fed_record = open_adapter(round_dir(home, "f1", 0) / AGGREGATE).manifest["training"][
+        "federation"
+    ]
+    acme = fed_record["members"]["acme"]
+    assert fed_record["members"]["bob"] == 10**12 and fed_record["weights"] == {
+        "acme": acme,
+        "bob": 4 * acme,
+    }
+    states = [
+        load_file(str(root / f"work-{n}" / "round-0" / WEIGHTS_NAME)) for n in ("acme", "bob")
+    ]
+    expected = fedavg(states, [1, 4])
+    got = load_file(str(round_dir(home, "f1", 0) / AGGREGATE / WEIGHTS_NAME))
+    assert all(torch.allclose(got[k].float(), v.float()) for k, v in expected.items())
+
+
+def test_a_revoked_member_is_left_out_and_the_owner_can_resume_without_it(fed, capsys):
+    """quorum = every member: carol is revoked mid-round, so the round closes on acme and bob;
+    the next round is not issued to her; resuming with --members acme,bob is accepted, adding one is not."""
+    home, creds, _, root = fed
+    spec = FederationSpec(
+        "f3", root / "base", str(root / "model"), ("acme", "bob", "carol"), rounds=2
+    )
+    start(home, spec)
+    advance(home, "f3")
+    with thread_server(home) as address:
+        for name in ("acme", "bob"):
+            with connect(address, creds[name]) as client:
+                join(client, 1, root / f"w3-{name}", _train(creds[name], 1), poll_s=0.1, wait_s=5)
+    assert advance(home, "f3")["state"] == "waiting"  # waits for carol
+    assert owner(["revoke", "--home", str(home.root), "--name", "carol"]) == 0
+    closed = advance(home, "f3")
+    assert closed["state"] == "closed" and closed["members"]["carol"] == "revoked"
+    assert set(advance(home, "f3")["members"]) == {"acme", "bob"}  # round 1 without carol
+    base = ["federate", "--home", str(home.root), "--bundle", str(root / "base"), "--model", str(root / "model"),
+            "--name", "f3", "--rounds", "2", "--once"]  # fmt: skip
+    assert owner([*base, "--members", "acme,bob"]) == 0
+    capsys.readouterr()
+    expect_error(capsys, owner, [*base, "--members", "acme,bob,dave"], "may only leave members out")

@@ -6,10 +6,18 @@ the base bundle's own), the members fetch, fine-tune and submit through the serv
 a quorum or after a deadline (members that did not submit are recorded as stragglers), and
 averages the adapters weighted by the tokens each member signed that it trained on. All state is
 in the owner home's registry, so a restarted owner resumes the round it was in.
+
+What a member can claim: the owner cannot check how many tokens a member trained on, only that
+the member signed the count. A count that is not a whole number from 1 to MAX_TOKENS refuses
+the adapter when it arrives (the member may send another); and no member's weight exceeds
+`max_weight_ratio` times the smallest count received in that round, so a member claiming 10^12
+tokens against another's 4,096 counts only that many times more. A revoked member is left out of
+the rounds after its revocation, and the round no longer waits for it.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,6 +39,7 @@ from offsite.errors import OffsiteError
 from offsite.exchange.home import OwnerHome, active_data_owner, check_name, register_bundle
 
 AGGREGATE = "aggregate"
+MAX_TOKENS = 10**15  # a claimed token count above this is refused (and fits SQLite's integers)
 
 
 @dataclass(frozen=True)
@@ -44,14 +53,23 @@ class FederationSpec:
     rounds: int
     quorum: int = 0  # 0: every member
     deadline_s: float = 3600.0
+    max_weight_ratio: float = 4.0  # no member weighs more than this times the smallest claim
 
     def __post_init__(self) -> None:
         check_name(self.name)
         if not self.members or len(set(self.members)) != len(self.members):
             raise OffsiteError("--members: name each enrolled data owner once")
-        if self.rounds < 1 or not 0 <= self.quorum <= len(self.members) or self.deadline_s <= 0:
+        if self.rounds < 1 or not 0 <= self.quorum <= len(self.members):
             raise OffsiteError(
-                "--rounds must be >= 1, --quorum between 1 and the number of members, --deadline > 0"
+                "--rounds must be >= 1 and --quorum between 1 and the number of members"
+            )
+        if not (math.isfinite(self.deadline_s) and self.deadline_s > 0):
+            raise OffsiteError(
+                f"--deadline must be a positive number of seconds (got {self.deadline_s})"
+            )
+        if not (math.isfinite(self.max_weight_ratio) and self.max_weight_ratio >= 1):
+            raise OffsiteError(
+                f"--max-weight-ratio must be a number >= 1 (got {self.max_weight_ratio})"
             )
 
     @property
@@ -68,14 +86,37 @@ def fedavg(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[st
             for k in states[0]}  # fmt: skip
 
 
+def claimed_tokens(adapter: Adapter) -> int:
+    """The token count an adapter's signed manifest claims, if it can weigh in a round."""
+    training = adapter.manifest.get("training")
+    tokens = training.get("tokens_this_run") if isinstance(training, dict) else None
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= MAX_TOKENS:
+        raise OffsiteError(
+            f"training.tokens_this_run {tokens!r} is not a whole number of tokens from 1 to {MAX_TOKENS}"
+        )
+    return tokens
+
+
+def check_round_adapter(adapter: Adapter) -> int:
+    """Refuse an adapter a round cannot average (PEFT, partly trained, no sound token count); its tokens."""
+    if adapter.kind != "blocks" or adapter.trained != "all":
+        raise OffsiteError("a federation round averages whole adapter blocks; train without PEFT")
+    return claimed_tokens(adapter)
+
+
+def capped(tokens: list[int], ratio: float) -> list[int]:
+    """Each claim, at most `ratio` times the smallest one: no member outweighs another by more."""
+    cap = int(min(tokens) * ratio)
+    return [min(t, cap) for t in tokens]
+
+
 def round_dir(home: OwnerHome, name: str, round_: int) -> Path:
     return home.root / "federations" / name / f"round-{round_}"
 
 
 def start(home: OwnerHome, spec: FederationSpec) -> None:
-    """Record a new federation (or find the same one again, to resume it)."""
-    for member in spec.members:
-        active_data_owner(home, member)
+    """Record a new federation, or find the same one again to resume it (with fewer members, if
+    the owner leaves some out: the rounds from now on go on without them)."""
     open_bundle(spec.base_bundle)
     data = {
         **asdict(spec),
@@ -84,18 +125,30 @@ def start(home: OwnerHome, spec: FederationSpec) -> None:
     }
     with home.registry() as registry:
         existing = registry.federation(spec.name)
-        if existing is None:
+    if existing is None:
+        for member in spec.members:
+            active_data_owner(home, member)
+        with home.registry() as registry:
             registry.add_federation(spec.name, data, time.time())
-        elif existing["spec"] != data:
-            raise OffsiteError(
-                f"federation {spec.name!r} exists with other settings; choose another --name"
-            )
+        return
+    old = {**existing["spec"], "max_weight_ratio": existing["spec"].get("max_weight_ratio", 4.0)}
+    same = {k: v for k, v in old.items() if k != "members"} == {
+        k: v for k, v in data.items() if k != "members"
+    }
+    if not same or not set(spec.members) <= set(old["members"]):
+        raise OffsiteError(f"federation {spec.name!r} exists with other settings (a resumed one may only "
+                           "leave members out); choose another name")  # fmt: skip
+    if spec.members != tuple(old["members"]):
+        with home.registry() as registry:
+            registry.set_federation_spec(spec.name, data)
 
 
 def federate(home: OwnerHome, spec: FederationSpec, *, poll_s: float = 5.0, once: bool = False,
              on_status: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
     """`owner federate`: start (or resume) the federation and advance it until it is finished
     (`once`: a single step); returns where it stands."""
+    if not (math.isfinite(poll_s) and poll_s > 0):
+        raise OffsiteError(f"--poll must be a positive number of seconds (got {poll_s})")
     start(home, spec)
     while True:
         status = advance(home, spec.name)
@@ -119,13 +172,17 @@ def advance(home: OwnerHome, name: str, now: float | None = None) -> dict:
     r = fed["round"]
     if fed["state"] == "finished":
         return _status(home, spec, r, "finished")
+    active = _active_members(home, spec)
     with home.registry() as registry:
         entries = registry.member_rounds(name, r)
     if not entries:
-        _issue_round(home, spec, r)
+        _issue_round(home, spec, r, active)
         return _status(home, spec, r, "issued")
-    received = _collect(home, name, r, entries)
-    if len(received) >= spec.needed or (received and now - fed["round_started"] > spec.deadline_s):
+    received = _collect(home, name, r, entries, active)
+    needed = min(spec.needed, sum(e["data_owner"] in active for e in entries))
+    if len(received) >= max(needed, 1) or (
+        received and now - fed["round_started"] > spec.deadline_s
+    ):
         _close_round(home, spec, r, received)
         last = r + 1 == spec.rounds
         with home.registry() as registry:
@@ -136,15 +193,28 @@ def advance(home: OwnerHome, name: str, now: float | None = None) -> dict:
     return _status(home, spec, r, "waiting")
 
 
+def _active_members(home: OwnerHome, spec: FederationSpec) -> set[str]:
+    """The members still enrolled and not revoked; an error when none is left."""
+    with home.registry() as registry:
+        owners = {m: registry.data_owner(m) for m in spec.members}
+    active = {m for m, o in owners.items() if o is not None and o.revoked_at is None}
+    if not active:
+        raise OffsiteError(
+            f"federation {spec.name!r}: every member is revoked; nothing can continue"
+        )
+    return active
+
+
 def _status(home: OwnerHome, spec: FederationSpec, r: int, state: str) -> dict:
     with home.registry() as registry:
         members = registry.member_rounds(spec.name, r)
     return {"federation": spec.name, "round": r, "rounds": spec.rounds, "state": state,
             "members": {m["data_owner"]: m["status"] for m in members},
+            "notes": {m["data_owner"]: m["note"] for m in members if m.get("note")},
             "aggregate": str(round_dir(home, spec.name, r) / AGGREGATE) if state in ("closed", "finished") else None}  # fmt: skip
 
 
-def _issue_round(home: OwnerHome, spec: FederationSpec, r: int) -> None:
+def _issue_round(home: OwnerHome, spec: FederationSpec, r: int, active: set[str]) -> None:
     """Every member's signed bundle for round `r`, carrying the previous round's aggregate."""
     base = open_bundle(spec.base_bundle)
     state = None
@@ -152,7 +222,7 @@ def _issue_round(home: OwnerHome, spec: FederationSpec, r: int) -> None:
         previous = open_adapter(round_dir(home, spec.name, r - 1) / AGGREGATE)
         state = verify_adapter_for_bundle(previous, base)
     signer = Signer("model-owner", home.signing_key)
-    for member in spec.members:
+    for member in (m for m in spec.members if m in active):
         extra = {
             "issued_to": member,
             "federation": {"name": spec.name, "round": r, "rounds": spec.rounds},
@@ -176,24 +246,33 @@ def write_round_bundle(base: Bundle, state: dict[str, torch.Tensor] | None, out:
                               overwrite=True, signer=signer)  # fmt: skip
 
 
-def _collect(home: OwnerHome, name: str, r: int, entries: list[dict]) -> list[dict]:
-    """Mark the members whose verified adapter for this round's bundle has arrived; all received."""
+def _collect(
+    home: OwnerHome, name: str, r: int, entries: list[dict], active: set[str]
+) -> list[dict]:
+    """Mark the members whose sound, verified adapter for this round's bundle has arrived (revoked
+    members as revoked; an adapter a round cannot use is noted and the member may send another)."""
     with home.registry() as registry:
-        verified = {
-            a["bundle_id"]: a for a in reversed(registry.adapters()) if a["status"] == "verified"
-        }
+        verified = [a for a in registry.adapters() if a["status"] == "verified"]
         for e in entries:
-            a = verified.get(e["bundle_id"])
-            if e["status"] != "issued" or a is None or a["data_owner"] != e["data_owner"]:
+            if e["status"] == "issued" and e["data_owner"] not in active:
+                registry.set_member_round(name, r, e["data_owner"], "revoked")
                 continue
-            adapter = open_adapter(a["path"])
-            if (
-                adapter.kind != "blocks" or adapter.trained != "all"
-            ):  # FedAvg over whole blocks only
-                registry.set_member_round(name, r, e["data_owner"], "refused", a["adapter_id"])
+            if e["status"] != "issued":
                 continue
-            tokens = int(adapter.manifest["training"].get("tokens_this_run") or 0)
-            registry.set_member_round(name, r, e["data_owner"], "received", a["adapter_id"], tokens)
+            for a in verified:  # oldest first: the first sound one counts
+                if a["bundle_id"] != e["bundle_id"] or a["data_owner"] != e["data_owner"]:
+                    continue
+                try:
+                    tokens = check_round_adapter(open_adapter(a["path"]))
+                except OffsiteError as err:
+                    registry.note_member_round(
+                        name, r, e["data_owner"], f"adapter {a['adapter_id']} refused: {err}"
+                    )
+                    continue
+                registry.set_member_round(
+                    name, r, e["data_owner"], "received", a["adapter_id"], tokens
+                )
+                break
         return [m for m in registry.member_rounds(name, r) if m["status"] == "received"]
 
 
@@ -209,16 +288,10 @@ def _close_round(home: OwnerHome, spec: FederationSpec, r: int, received: list[d
         for m in registry.member_rounds(spec.name, r):
             if m["status"] == "issued":
                 registry.set_member_round(spec.name, r, m["data_owner"], "straggler")
-    if min(weights) <= 0:
-        raise OffsiteError(
-            f"round {r}: an adapter reports no training tokens; it cannot be weighted"
-        )
-    training = {
-        "federation": {
-            "name": spec.name,
-            "round": r,
-            "members": {m["data_owner"]: m["tokens"] for m in received},
-        }
-    }
-    return save_adapter(fedavg(states, weights), open_bundle(spec.base_bundle), round_dir(home, spec.name, r) / AGGREGATE,
+    counted = capped(weights, spec.max_weight_ratio)
+    training = {"federation": {"name": spec.name, "round": r,
+                               "members": {m["data_owner"]: m["tokens"] for m in received},
+                               "weights": {m["data_owner"]: w for m, w in zip(received, counted, strict=True)},
+                               "max_weight_ratio": spec.max_weight_ratio}}  # fmt: skip
+    return save_adapter(fedavg(states, counted), open_bundle(spec.base_bundle), round_dir(home, spec.name, r) / AGGREGATE,
                         training=training, overwrite=True, signer=Signer("model-owner", home.signing_key))  # fmt: skip

@@ -16,9 +16,10 @@ from typing import Any
 
 from offsite.errors import OffsiteError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # schema version -> the statements that bring a registry of that version to the next one
-_MIGRATIONS = {1: "ALTER TABLE uploads ADD COLUMN touched REAL NOT NULL DEFAULT 0"}
+_MIGRATIONS = {1: "ALTER TABLE uploads ADD COLUMN touched REAL NOT NULL DEFAULT 0",
+               2: "ALTER TABLE federation_members ADD COLUMN note TEXT NOT NULL DEFAULT ''"}  # fmt: skip
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS data_owners (
@@ -38,7 +39,8 @@ CREATE TABLE IF NOT EXISTS federations (
     state TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS federation_members (
     federation TEXT NOT NULL, round INTEGER NOT NULL, data_owner TEXT NOT NULL, bundle_id TEXT NOT NULL,
-    status TEXT NOT NULL, adapter_id TEXT, tokens INTEGER, PRIMARY KEY (federation, round, data_owner));
+    status TEXT NOT NULL, adapter_id TEXT, tokens INTEGER, note TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (federation, round, data_owner));
 """
 
 
@@ -74,7 +76,11 @@ class Registry:
         version = int(self._one("SELECT value FROM meta WHERE key='schema_version'")["value"])
         while version in _MIGRATIONS:
             with self._lock:
-                self._db.execute(_MIGRATIONS[version])
+                try:
+                    self._db.execute(_MIGRATIONS[version])
+                except sqlite3.OperationalError as e:  # a table created new already has the column
+                    if "duplicate column" not in str(e):
+                        raise
                 version += 1
                 self._db.execute(
                     "UPDATE meta SET value=? WHERE key='schema_version'", (str(version),)
@@ -215,6 +221,9 @@ class Registry:
         row = self._one("SELECT * FROM federations WHERE name=?", (name,))
         return {**dict(row), "spec": json.loads(row["spec"])} if row else None
 
+    def set_federation_spec(self, name: str, spec: dict) -> None:
+        self._run("UPDATE federations SET spec=? WHERE name=?", (json.dumps(spec), name))
+
     def set_federation(self, name: str, round_: int, started: float, state: str) -> None:
         self._run("UPDATE federations SET round=?, round_started=?, state=? WHERE name=?",
                   (round_, started, state, name))  # fmt: skip
@@ -222,7 +231,7 @@ class Registry:
     def add_member_round(
         self, federation: str, round_: int, data_owner: str, bundle_id: str
     ) -> None:
-        self._run("INSERT OR IGNORE INTO federation_members VALUES (?, ?, ?, ?, 'issued', NULL, NULL)",
+        self._run("INSERT OR IGNORE INTO federation_members VALUES (?, ?, ?, ?, 'issued', NULL, NULL, '')",
                   (federation, round_, data_owner, bundle_id))  # fmt: skip
 
     def member_rounds(self, federation: str, round_: int) -> list[dict[str, Any]]:
@@ -235,3 +244,8 @@ class Registry:
         self._run("UPDATE federation_members SET status=?, adapter_id=?, tokens=? "
                   "WHERE federation=? AND round=? AND data_owner=?",
                   (status, adapter_id, tokens, federation, round_, data_owner))  # fmt: skip
+
+    def note_member_round(self, federation: str, round_: int, data_owner: str, note: str) -> None:
+        """Why a member's adapter did not count this round (kept beside its status)."""
+        self._run("UPDATE federation_members SET note=? WHERE federation=? AND round=? AND data_owner=?",
+                  (note, federation, round_, data_owner))  # fmt: skip

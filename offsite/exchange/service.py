@@ -34,6 +34,7 @@ from offsite.artefacts.signing import load_public
 from offsite.artefacts.tensorcheck import TensorSpec
 from offsite.atomic import atomic_directory, sha256_file
 from offsite.errors import OffsiteError
+from offsite.exchange.federation import check_round_adapter
 from offsite.exchange.home import OwnerHome
 from offsite.exchange.pki import cert_fingerprint
 from offsite.exchange.protocol import (
@@ -358,6 +359,10 @@ class OwnerService:
         )
         self._bundle_for(identity, bundle_id)
         bundle, spec = self._bundle(bundle_id)
+        if (
+            "federation" in bundle.manifest
+        ):  # a round's bundle: refuse what the round cannot average
+            check_round_adapter(adapter)
         if adapter.kind == "peft":
             check_bundle_ids(adapter, bundle)
             verify_delta(adapter, bundle)
