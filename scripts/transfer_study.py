@@ -318,6 +318,13 @@ def summary_table(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _err(iv: dict, k: float) -> list | None:
+    """A matplotlib error bar for interval `iv` scaled by `k` (None with a single run)."""
+    if iv["low"] is None:
+        return None
+    return [[k * (iv["mean"] - iv["low"])], [k * (iv["high"] - iv["mean"])]]
+
+
 def plot_summary(summary: list[dict], path: Path) -> None:
     """Gap closed against privacy margin with 95% intervals, one point per recipe x budget."""
     import matplotlib
@@ -333,16 +340,11 @@ def plot_summary(summary: list[dict], path: Path) -> None:
         scale = 100 if acc else 1
         for s in sub:
             g, m = s["gap_closed"], s["privacy_margin"]
-            err = lambda iv, k: (
-                [[k * (iv["mean"] - iv["low"])], [k * (iv["high"] - iv["mean"])]]
-                if iv["low"] is not None
-                else None
-            )  # noqa: E731
             ax.errorbar(
                 100 * g["mean"],
                 scale * m["mean"],
-                xerr=err(g, 100),
-                yerr=err(m, scale),
+                xerr=_err(g, 100),
+                yerr=_err(m, scale),
                 fmt="o",
                 capsize=3,
             )
