@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,28 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove the temporary folders that writers of `out` killed mid-write left behind (those whose
+    process is gone); a live writer's is kept."""
+    removed = []
+    for tmp in out.parent.glob(f".{glob_escape(out.name)}.*.partial"):
+        pid = tmp.name[len(out.name) + 2 :].split(".", 1)[0]
+        if tmp.is_dir() and not tmp.is_symlink() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success it replaces `out` in one rename.
@@ -91,7 +114,10 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterato
     """
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    remove_stale_partials(out)
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent)
+    )
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like a normal dir
     try:
         yield tmp
@@ -132,6 +158,17 @@ def check_apart(
                 raise OffsiteError(
                     f"{oname} {out} contains {iname} {file}; write the output outside the inputs"
                 )
+
+
+def check_free_space(out: str | os.PathLike, needed: int, what: str) -> None:
+    """Fail now when the file system `out` is to go on has less than `needed` bytes free."""
+    parent = Path(out).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise OffsiteError(f"{out}: {what} needs about {needed / 2**20:.0f} MiB but {parent} has "
+                           f"{free / 2**20:.0f} MiB free; free some space or choose another place")  # fmt: skip
 
 
 def check_writable(out: str | os.PathLike) -> None:

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 
 from offsite.errors import OffsiteError
+from offsite_cli.paths import check_outputs_apart
 
 EXIT_USAGE = 2
 
@@ -52,10 +53,18 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     _quiet_libraries(args.verbose)
     func: Callable[[argparse.Namespace], int | None] = args.func
     try:
+        check_outputs_apart(args)  # every command, before it writes anything
         return int(func(args) or 0)
     except OffsiteError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # the machine, not the user: disk full, permissions, a vanished file
+        where = f": {e.filename}" if e.filename else ""
+        print(
+            f"{parser.prog}: error: {e.strerror or e}{where}; nothing half-written was kept",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130

@@ -327,6 +327,8 @@ def _add_merge(sub) -> None:
         action="store_true",
         help="merge without checking a signature (for adapters made without credentials); the record says so",
     )
+    p.add_argument("--allow-revoked", action="store_true",
+                   help="with --home: merge an adapter whose signer has been revoked (refused otherwise); the record says so")  # fmt: skip
     p.add_argument("--out", required=True, help="merged Hugging Face model directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     add_dtype(p)

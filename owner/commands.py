@@ -37,10 +37,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
 def cmd_enroll(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    if out.exists():
-        raise OffsiteError(f"{out}: already exists; choose another --out")
-    creds = enroll(open_home(args.home), args.name)
-    creds.save(out)
+    enroll(open_home(args.home), args.name, out)
     print_json(
         {
             "data_owner": args.name,
@@ -105,8 +102,15 @@ def _recipe(args: argparse.Namespace) -> EmulatorRecipe:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
+    signer, revoked = None, None
     if args.home:
-        adapter, bundle, key, model = merge_inputs(open_home(args.home), args.adapter, args.bundle)
+        found = merge_inputs(open_home(args.home), args.adapter, args.bundle, args.allow_revoked)
+        adapter, bundle, key, model = found.adapter, found.bundle, found.key, found.model
+        signer, revoked = found.signer, found.signer_revoked_at
+    elif args.allow_revoked:
+        raise OffsiteError(
+            "--allow-revoked goes with --home: only the registry knows who is revoked"
+        )
     elif args.bundle is None:
         raise OffsiteError(
             "--bundle is required without --home: the adapter is checked against the blocks the bundle made trainable"
@@ -115,7 +119,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
         adapter, bundle, model = Path(args.adapter), Path(args.bundle), DEFAULT_MODEL
         key = load_public_file(args.signer_key) if args.signer_key else None
     spec = MergeSpec(adapter=adapter, bundle=bundle, out=Path(args.out), model=args.model or model, signer_key=key,
-                     allow_unsigned=args.allow_unsigned, dtype=dtype_of(args), overwrite=args.overwrite)  # fmt: skip
+                     allow_unsigned=args.allow_unsigned, dtype=dtype_of(args), overwrite=args.overwrite,
+                     signer=signer, signer_revoked_at=revoked)  # fmt: skip
     print_json(merge(spec))
 
 
@@ -124,10 +129,10 @@ def cmd_cleanup(args: argparse.Namespace) -> None:
 
     service = OwnerService(open_home(args.home))  # expires stale uploads and leftover folders
     try:
-        expired = service.expire_uploads()
+        done = service.at_start  # what opening the service removed: stale uploads, stray folders
     finally:
         service.close()
-    print_json({"expired_uploads": expired})
+    print_json(done)
 
 
 def cmd_adapters(args: argparse.Namespace) -> None:

@@ -150,5 +150,9 @@ def test_cleanup_command_expires_nothing_fresh(tmp_path, capsys):
     (home.uploads / "leftover").mkdir()
     capsys.readouterr()
     assert owner(["cleanup", "--home", str(home.root)]) == 0
-    assert json.loads(capsys.readouterr().out) == {"expired_uploads": []}
+    # issue 26: it said [] while it removed the stray folder; now it says so
+    assert json.loads(capsys.readouterr().out) == {
+        "expired_uploads": [],
+        "removed_folders": ["leftover"],
+    }
     assert not (home.uploads / "leftover").exists()

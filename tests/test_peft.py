@@ -306,3 +306,55 @@ def test_ia3_on_chosen_targets_without_a_feedforward_one_round_trips(tokenizer, 
     torch.testing.assert_close(
         _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "m")), via_peft
     )
+
+
+def _forge(tmp_path, bundle, **peft):
+    """The trained LoRA adapter with its manifest's PEFT options (and the config they imply) changed."""
+    manifest = json.loads((tmp_path / "a" / ADAPTER_MANIFEST).read_text())
+    manifest["peft"].update(peft)
+    config = json.loads((tmp_path / "a" / PEFT_CONFIG).read_text())
+    options = PeftOptions(**{**manifest["peft"], "targets": tuple(manifest["peft"]["targets"])})
+    config.update(full_config(options, bundle))
+    (tmp_path / "a" / PEFT_CONFIG).write_text(json.dumps(config))
+    manifest["files"][PEFT_CONFIG] = sha256_file(tmp_path / "a" / PEFT_CONFIG)
+    (tmp_path / "a" / ADAPTER_MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("alpha", ["1e300", "Infinity"])
+def test_a_lora_alpha_that_is_not_a_sane_number_is_refused(alpha, tokenizer, tmp_path, capsys):
+    """Issue 26: alpha 1e300 or Infinity was verified and merged into inf/NaN weights."""
+    bundle = _setup("llama", tokenizer, tmp_path)
+    _finetune(bundle, tmp_path, PeftOptions("lora"), steps=1)
+    text = (tmp_path / "a" / ADAPTER_MANIFEST).read_text()
+    manifest = json.loads(text)
+    manifest["peft"]["alpha"] = 12345.0
+    (tmp_path / "a" / ADAPTER_MANIFEST).write_text(json.dumps(manifest).replace("12345.0", alpha))
+    with pytest.raises(VerificationError, match="alpha"):
+        verify_delta(open_adapter(tmp_path / "a"), bundle)
+    expect_error(capsys, owner, _merge_argv(tmp_path), "alpha", tmp_path / "m")
+
+
+def test_finite_lora_factors_whose_product_overflows_are_refused(tokenizer, tmp_path, capsys):
+    bundle = _setup("llama", tokenizer, tmp_path)
+    _finetune(bundle, tmp_path, PeftOptions("lora"), steps=1)
+    delta = load_file(str(tmp_path / "a" / PEFT_WEIGHTS))
+    save_file(
+        {k: torch.full_like(v, 1e19) for k, v in delta.items()}, str(tmp_path / "a" / PEFT_WEIGHTS)
+    )
+    _rehash(tmp_path / "a", PEFT_WEIGHTS)
+    with pytest.raises(VerificationError, match="not finite"):
+        verify_delta(open_adapter(tmp_path / "a"), bundle)
+    expect_error(capsys, owner, _merge_argv(tmp_path), "not finite", tmp_path / "m")
+
+
+@pytest.mark.parametrize("targets", [["self_attn"], ["nonexistent_proj"]])
+def test_peft_targets_that_name_no_linear_module_are_a_verification_error(
+    targets, tokenizer, tmp_path, capsys
+):
+    """Issue 26: a ValueError from peft escaped verification (UNKNOWN on the wire, a merge traceback)."""
+    bundle = _setup("llama", tokenizer, tmp_path)
+    _finetune(bundle, tmp_path, PeftOptions("lora"), steps=1)
+    _forge(tmp_path, bundle, targets=targets)
+    with pytest.raises(VerificationError, match="do not apply"):
+        verify_delta(open_adapter(tmp_path / "a"), bundle)
+    expect_error(capsys, owner, _merge_argv(tmp_path), "do not apply", tmp_path / "m")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,11 @@ def _walk(root: Path) -> set[str]:
             if path.is_symlink():
                 raise VerificationError(
                     f"{path}: is a symbolic link; artefacts hold regular files only"
+                )
+        for name in names:  # a FIFO or device would hang or mislead every later read
+            if not stat.S_ISREG(os.lstat(Path(folder) / name).st_mode):
+                raise VerificationError(
+                    f"{Path(folder) / name}: not a regular file; artefacts hold regular files only"
                 )
         present.update((Path(folder) / n).relative_to(root).as_posix() for n in names)
     return present

@@ -42,7 +42,7 @@ from offsite.artefacts.shards import (
     tensor_map,
 )
 from offsite.artefacts.tensorcheck import CheckedTensors, check_spec, load_checked
-from offsite.atomic import atomic_directory, check_apart, check_output_dir
+from offsite.atomic import atomic_directory, check_apart, check_free_space, check_output_dir
 from offsite.errors import OffsiteError, VerificationError
 from offsite.models.architectures import block_prefix
 from offsite.models.fingerprint import model_fingerprint
@@ -121,6 +121,10 @@ class MergeSpec:
     allow_unsigned: bool = False
     dtype: torch.dtype | None = None
     overwrite: bool = False
+    signer: str | None = (
+        None  # the enrolled identity whose key `signer_key` is (the registry's word)
+    )
+    signer_revoked_at: str | None = None  # set when that identity is revoked and merged anyway
 
     def __post_init__(self) -> None:
         if self.signer_key is None and not self.allow_unsigned:
@@ -149,6 +153,12 @@ def merge(spec: MergeSpec) -> dict:
         signature = f"verified: signed by {signer!r} with the key the owner holds for it"
     resolved = resolve_model(spec.model)
     source = Path(local_path(resolved))
+    size = (
+        sum(f.stat().st_size for f in source.rglob("*") if f.is_file())
+        if source.is_dir()
+        else source.stat().st_size
+    )
+    check_free_space(spec.out, size, "the merged model")
     # a GGUF source is converted to bfloat16 (load_model), which needs it loaded
     if spec.dtype is None and resolved.gguf_file is None and is_sharded_dir(source):
         try:
@@ -221,7 +231,10 @@ def _record(adapter: Adapter, bundle: Bundle, spec: MergeSpec, fingerprint: str,
         "bundle_id": bundle.bundle_id,
         "adapter_blocks": bundle.adapter_sources,
         "adapter": str(adapter.path),
-        "signer": adapter.manifest.get("signer") if spec.signer_key is not None else None,
+        # the identity whose key verified the signature (not the manifest's own claim)
+        "signer": (spec.signer or adapter.manifest.get("signer"))
+        if spec.signer_key is not None
+        else None,
         "verified": {
             "signature": signature,
             "hashes": "every adapter and bundle file matches its manifest",
@@ -236,6 +249,9 @@ def _record(adapter: Adapter, bundle: Bundle, spec: MergeSpec, fingerprint: str,
             record["prompt"] = (
                 f"{PROMPT_DIR}/: the soft prompt; PeftModel.from_pretrained(model, 'OUT/{PROMPT_DIR}')"
             )
+    if spec.signer_revoked_at:
+        record["signer_revoked_at"] = spec.signer_revoked_at
+        record["verified"]["signer_standing"] = "revoked; merged knowingly (--allow-revoked)"
     if adapter.trained != "all":
         record["trained"] = adapter.trained
     dp = (adapter.manifest.get("training") or {}).get("differential_privacy")

@@ -11,6 +11,7 @@ key set and shapes come from applying it to the bundle's architecture (on the me
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -32,11 +33,19 @@ from transformers import PreTrainedModel
 from offsite.artefacts.adapter import PEFT_CONFIG, Adapter, remap_blocks
 from offsite.artefacts.bundle import Bundle
 from offsite.artefacts.shards import load_blocks, meta_model
-from offsite.artefacts.tensorcheck import TensorSpec, check_spec, dtype_name, load_checked, spec_of
+from offsite.artefacts.tensorcheck import (
+    TensorSpec,
+    all_finite,
+    check_spec,
+    dtype_name,
+    load_checked,
+    spec_of,
+)
 from offsite.errors import OffsiteError, VerificationError
 from offsite.models.architectures import arch_spec, block_prefix, get_blocks
 
 PEFT_METHODS = ("lora", "ia3", "ln", "bitfit", "prompt")
+MAX_LORA_SCALE = 1024.0  # alpha / rank above this is no training setting anyone uses: refused
 # BitFit (the adapter blocks' biases only) has no peft tuner: it returns a block adapter of biases
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 # fields of peft's config that describe where it came from, not what it does
@@ -65,6 +74,20 @@ class PeftOptions:
         if self.method not in PEFT_METHODS:
             raise OffsiteError(
                 f"--peft {self.method!r} unknown; choose one of {', '.join(PEFT_METHODS)}"
+            )
+        numbers = (self.rank, self.alpha, self.dropout, self.virtual_tokens)
+        if any(
+            isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+            for v in numbers
+        ):
+            raise OffsiteError(
+                "--lora-rank, --lora-alpha, --lora-dropout and --peft-virtual-tokens must be finite numbers"
+            )
+        if not isinstance(self.rank, int) or not isinstance(self.virtual_tokens, int):
+            raise OffsiteError("--lora-rank and --peft-virtual-tokens must be whole numbers")
+        if not 0 < self.alpha / self.rank <= MAX_LORA_SCALE:
+            raise OffsiteError(
+                f"--lora-alpha / --lora-rank must be in (0, {MAX_LORA_SCALE:g}] (got {self.alpha}/{self.rank})"
             )
         if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1 or self.virtual_tokens < 1:
             raise OffsiteError(
@@ -162,9 +185,18 @@ def _plain(value):
 def expected_delta_spec(options: PeftOptions, bundle: Bundle) -> TensorSpec:
     """Key set, dtypes and shapes of a delta for `bundle`: `options` applied to its architecture."""
     model = meta_model(bundle.path, dtype=torch.float32)  # the server verifies from many threads
-    peft_model = _wrap(
-        model, peft_config(options, model.config.model_type, bundle.adapter_positions)
-    )
+    try:
+        peft_model = _wrap(
+            model, peft_config(options, model.config.model_type, bundle.adapter_positions)
+        )
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+    ) as e:  # e.g. targets that name no module, or a whole block
+        raise VerificationError(
+            f"the adapter's PEFT options do not apply to the bundle's blocks ({str(e).splitlines()[0][:200]})"
+        ) from None
     if options.method == "prompt":  # peft would copy it to the CPU to save it: not on meta
         weight = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight
         return {"prompt_embeddings": (dtype_name(weight.dtype), tuple(weight.shape))}
@@ -200,7 +232,25 @@ def verify_delta(adapter: Adapter, bundle: Bundle) -> tuple[PeftOptions, dict[st
     _check_config(adapter.path / PEFT_CONFIG, full_config(options, bundle))
     expected = expected_delta_spec(options, bundle)
     check_spec(str(adapter.path), adapter.spec, expected)
-    return options, load_checked(adapter.weights, expected)
+    delta = load_checked(adapter.weights, expected)
+    if options.method == "lora":
+        _check_lora_products(adapter.path, options, delta)
+    return options, delta
+
+
+def _check_lora_products(where: Path, options: PeftOptions, delta: dict[str, torch.Tensor]) -> None:
+    """Each LoRA update (alpha / rank) B A must be finite: finite factors can still overflow."""
+    scale = options.alpha / options.rank
+    for name, a in delta.items():
+        if ".lora_A." not in name:
+            continue
+        b = delta.get(name.replace(".lora_A.", ".lora_B."))
+        if b is None:
+            continue
+        if not all_finite((b.float() @ a.float()) * scale):  # in float32, as a merge computes it
+            raise VerificationError(
+                f"{where}: the LoRA update of {name.replace('.lora_A.weight', '')} is not finite"
+            )
 
 
 def plug_delta(model: PreTrainedModel, options: PeftOptions, bundle: Bundle,
@@ -220,7 +270,15 @@ def merge_delta(model: PreTrainedModel, options: PeftOptions, bundle: Bundle,
     """Fold a verified LoRA, IA3 or LN-tuning delta into the full model's weights."""
     if options.method == "prompt":
         raise OffsiteError("a soft prompt has no weights to fold in; keep it beside the model")
-    return plug_delta(model, options, bundle, delta).merge_and_unload()
+    merged = plug_delta(model, options, bundle, delta).merge_and_unload()
+    blocks = get_blocks(merged)
+    for i in bundle.adapter_sources:
+        for n, p in blocks[i].named_parameters():
+            if p.is_floating_point() and not all_finite(p.detach()):
+                raise VerificationError(
+                    f"merging the delta makes block {i}'s {n} non-finite; refused"
+                )
+    return merged
 
 
 def merged_blocks(root: Path, bundle: Bundle, options: PeftOptions,

@@ -8,6 +8,7 @@ would not ship anyway.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,18 @@ class SampleConfig:
         for name in ("documents", "tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise OffsiteError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.temperature <= 0:
-            raise OffsiteError("--temperature must be > 0")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise OffsiteError(
+                f"--temperature must be a finite number > 0 (got {self.temperature})"
+            )
         if self.top_k < 0:
             raise OffsiteError("--top-k must be >= 0 (0: no top-k cut)")
         if not 0 < self.top_p <= 1:
             raise OffsiteError("--top-p must be in (0, 1]")
+        if not 0 <= self.seed < 2**63:
+            raise OffsiteError(
+                f"--seed must be a whole number from 0 to 2**63 - 1 (got {self.seed})"
+            )
 
 
 def document_start(tokenizer) -> int:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from offsite.errors import OffsiteError
 from offsite.models.modes import eval_mode
 from offsite.training.data import TokenData, collate, load_data, pad_id_of
 from offsite.training.loss import CHUNK_TOKENS, batch_nll
@@ -36,7 +37,9 @@ def perplexity(
             count += int(n)
             if on_batch:
                 on_batch(len(batch["input_ids"]))
-    mean = total / max(count, 1)
+    if count == 0:
+        raise OffsiteError(f"{data.source}: no tokens to score (too little text for one sequence?)")
+    mean = total / count
     return {
         "perplexity": math.exp(mean),
         "nll_per_token": mean,
@@ -56,6 +59,13 @@ def perplexity_on_file(
     on_batch: Callable[[int], None] | None = None,
 ) -> dict:
     """Perplexity on a .txt/.jsonl file (same tokenisation and packing as training)."""
+    for flag, value in (
+        ("--block-size", block_size),
+        ("--batch-size", batch_size),
+        ("--max-sequences", max_sequences or 1),
+    ):
+        if value < 1:
+            raise OffsiteError(f"{flag} must be >= 1 (got {value})")
     data = load_data(path, tokenizer, block_size)
     if max_sequences is not None:
         data = TokenData(data.examples[:max_sequences], data.source, data.sha256, data.mode)

@@ -6,6 +6,7 @@ home/ca.pem ca.key server.pem server.key signing.key signing.pub registry.sqlite
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from offsite.artefacts.signing import (
     public_pem,
     write_private_key,
 )
-from offsite.atomic import sha256_file, write_bytes_atomic
+from offsite.atomic import atomic_directory, sha256_file, write_bytes_atomic
 from offsite.emulator.package import PackageSpec, package
 from offsite.errors import OffsiteError
 from offsite.exchange.credentials import Credentials
@@ -70,7 +71,23 @@ def init_home(root: str | Path, server_names: list[str]) -> OwnerHome:
     root = Path(root).resolve()  # the registry stores absolute paths: valid from any directory
     if (root / "registry.sqlite").exists() or (root / "ca.pem").exists():
         raise OffsiteError(f"{root}: already an owner home; use another --home")
-    root.mkdir(parents=True, exist_ok=True)
+    if root.is_dir() and any(root.iterdir()) or root.exists() and not root.is_dir():
+        raise OffsiteError(
+            f"{root}: exists and is not an empty folder; a new home needs a new or empty --home"
+        )
+    try:
+        with atomic_directory(
+            root
+        ) as tmp:  # all of it or nothing: no half-made home is left behind
+            _write_home(tmp, server_names)
+    except OSError as e:
+        raise OffsiteError(
+            f"--home {root}: cannot create it ({e.strerror}); choose another place"
+        ) from None
+    return OwnerHome(root)
+
+
+def _write_home(root: Path, server_names: list[str]) -> None:
     ca = make_ca()
     server = issue_server(ca, server_names)
     key = new_signing_key()
@@ -84,7 +101,6 @@ def init_home(root: str | Path, server_names: list[str]) -> OwnerHome:
     for d in (home.uploads, home.adapters):
         d.mkdir(exist_ok=True)
     home.registry().close()
-    return home
 
 
 def open_home(root: str | Path) -> OwnerHome:
@@ -104,19 +120,51 @@ def check_name(name: str) -> str:
     return name
 
 
-def enroll(home: OwnerHome, name: str) -> Credentials:
-    """Issue a client certificate and a signing key for a new data owner and record them."""
+def enroll(home: OwnerHome, name: str, out: Path | None = None) -> Credentials:
+    """Issue a client certificate and a signing key for a new data owner and record them.
+
+    `out`: write the credentials there first, and record the data owner only once they are
+    written (a name is never enrolled without its credentials, nor burned by a failed write).
+    """
     check_name(name)
+    with home.registry() as registry:
+        if registry.data_owner(name) is not None:
+            raise OffsiteError(
+                f"data owner {name!r} is already enrolled; pick another --name or revoke it first"
+            )
+    if out is not None:
+        _check_new_file(Path(out))
     client = issue_client(home.ca, name)
     signing = new_signing_key()
     owner_pub = public_pem(home.signing_key.public_key()).decode()
-    with home.registry() as registry:
-        registry.add_data_owner(
-            name, cert_fingerprint(client.cert_pem), public_pem(signing.public_key()).decode()
+    creds = Credentials(name=name, ca_cert=home.ca.cert_pem.decode(), client_cert=client.cert_pem.decode(),
+                        client_key=client.key_pem.decode(), signing_key=private_pem(signing).decode(),
+                        owner_public_key=owner_pub)  # fmt: skip
+    if out is not None:
+        creds.save(Path(out))
+    try:
+        with home.registry() as registry:
+            registry.add_data_owner(
+                name, cert_fingerprint(client.cert_pem), public_pem(signing.public_key()).decode()
+            )
+    except BaseException:
+        if out is not None:
+            Path(out).unlink(missing_ok=True)
+        raise
+    return creds
+
+
+def _check_new_file(out: Path) -> None:
+    if out.exists():
+        raise OffsiteError(f"{out}: already exists; choose another --out")
+    if not out.parent.is_dir():
+        raise OffsiteError(
+            f"{out}: no such directory {out.parent}; create it or choose another --out"
         )
-    return Credentials(name=name, ca_cert=home.ca.cert_pem.decode(), client_cert=client.cert_pem.decode(),
-                       client_key=client.key_pem.decode(), signing_key=private_pem(signing).decode(),
-                       owner_public_key=owner_pub)  # fmt: skip
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise OffsiteError(
+            f"{out}: cannot write into {out.parent} (permission denied); choose another --out"
+        )
 
 
 def listing(bundle: Bundle) -> list[dict]:
@@ -165,14 +213,27 @@ def issue_bundle(
     return bundle
 
 
+@dataclass(frozen=True)
+class MergeInputs:
+    """What the registry vouches for, for one merge: the files, the signer's key and its standing."""
+
+    adapter: Path
+    bundle: Path
+    key: object
+    model: str
+    signer: str
+    signer_revoked_at: str | None
+
+
 def merge_inputs(
-    home: OwnerHome, adapter: str, bundle: str | None = None
-) -> tuple[Path, Path, object, str]:
+    home: OwnerHome, adapter: str, bundle: str | None = None, allow_revoked: bool = False
+) -> MergeInputs:
     """(adapter dir, bundle dir, the signer's public key, model) for `owner merge-adapter --home`.
 
     `adapter` is an adapter id from the registry (a verified upload) or an adapter directory;
     either way the signer must be an enrolled data owner, whose registered key is returned, and
-    the bundle must be one the owner issued to that data owner.
+    the bundle must be one the owner issued to that data owner. A revoked signer's adapter is
+    refused unless `allow_revoked` (and the merge record says so).
     """
     with home.registry() as registry:
         record = registry.adapter(adapter)
@@ -207,5 +268,10 @@ def merge_inputs(
         )
     if bundle is not None and open_bundle(bundle).bundle_id != bundle_id:
         raise OffsiteError(f"--bundle {bundle}: not the bundle the adapter was trained from")
+    if owner.revoked_at and not allow_revoked:
+        raise OffsiteError(f"{path}: signed by {signer!r}, revoked at {owner.revoked_at}; merge it only "
+                           "knowingly, with --allow-revoked (the merge record says so)")  # fmt: skip
     key = load_public(owner.signing_key.encode(), f"{home.root} registry entry of {signer}")
-    return path, Path(bundle or issued["path"]), key, issued["model"]
+    return MergeInputs(
+        path, Path(bundle or issued["path"]), key, issued["model"], signer, owner.revoked_at
+    )

@@ -14,7 +14,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,13 +72,22 @@ class ServiceLimits:
     max_open_uploads: int = 4  # per data owner
     max_staged_bytes: int = 4 << 30  # per data owner: announced bytes of its open uploads
     upload_ttl_s: float = 24 * 3600.0  # open uploads untouched this long are removed
+    max_stored_adapters: int = 64  # per data owner: verified adapters kept in the home
+    max_stored_bytes: int = 16 << 30  # per data owner: bytes of those adapters
+    recheck_s: float = 1.0  # a running stream re-checks its caller's revocation this often
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_calls_per_identity <= self.max_calls:
             raise OffsiteError("max_calls_per_identity must be between 1 and max_calls")
         if (
-            min(self.idle_stream_s, self.upload_ttl_s) <= 0
-            or min(self.max_open_uploads, self.max_staged_bytes) < 1
+            min(self.idle_stream_s, self.upload_ttl_s, self.recheck_s) <= 0
+            or min(
+                self.max_open_uploads,
+                self.max_staged_bytes,
+                self.max_stored_adapters,
+                self.max_stored_bytes,
+            )
+            < 1
         ):
             raise OffsiteError("service limits must be positive")
 
@@ -98,7 +107,11 @@ class OwnerService:
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._bundles: dict[str, tuple[Bundle, TensorSpec]] = {}  # verified once per process
-        self.expire_uploads()
+        self._expiry = threading.Lock()
+        self.at_start = {
+            "expired_uploads": self.expire_uploads(),
+            "removed_folders": self.sweep_folders(),
+        }
 
     def close(self) -> None:
         self.registry.close()
@@ -114,6 +127,23 @@ class OwnerService:
         if cert_pem is not None and cert_fingerprint(cert_pem) != owner.cert_sha256:
             raise Unauthenticated(f"certificate is not the one enrolled for {name!r}")
         return name
+
+    def still_active(self, identity: str) -> None:
+        """Refuse a caller revoked while its stream runs (checked every `recheck_s` seconds)."""
+        owner = self.registry.data_owner(identity)
+        if owner is None or owner.revoked_at is not None:
+            raise Unauthenticated(f"data owner {identity!r} was revoked; the stream is stopped")
+
+    def _rechecking(self, identity: str) -> Callable[[], None]:
+        last = time.monotonic()
+
+        def check() -> None:
+            nonlocal last
+            if time.monotonic() - last >= self.limits.recheck_s:
+                self.still_active(identity)
+                last = time.monotonic()
+
+        return check
 
     @staticmethod
     def check_version(version: int) -> None:
@@ -143,12 +173,15 @@ class OwnerService:
             raise NotFound(f"bundle {bundle_id[:19]}… has no file {name!r}")
         if not 0 <= offset <= info["size"]:
             raise BadRequest(f"offset {offset} is outside {name} (0..{info['size']})")
-        return self._chunks(Path(record["path"]) / name, offset)
+        return self._chunks(Path(record["path"]) / name, offset, self._rechecking(identity))
 
-    def _chunks(self, path: Path, offset: int) -> Iterator[tuple[int, bytes]]:
+    def _chunks(
+        self, path: Path, offset: int, check: Callable[[], None]
+    ) -> Iterator[tuple[int, bytes]]:
         with open(path, "rb") as f:
             f.seek(offset)
             while data := f.read(self.chunk_bytes):
+                check()
                 yield offset, data
                 offset += len(data)
 
@@ -174,6 +207,7 @@ class OwnerService:
         existing = self.registry.upload(upload_id)
         if existing is None or existing["state"] == "expired":
             self._check_quota(identity, sum(f["size"] for f in files))
+            self._check_stored(identity, sum(f["size"] for f in files))
         self.registry.open_upload(upload_id, identity, bundle_id, files)
         if existing is not None and existing["state"] == "expired":  # started again from zero
             self.registry.set_upload_state(upload_id, "open")
@@ -209,20 +243,43 @@ class OwnerService:
                 f"{identity} would stage {staged + size} bytes (limit {self.limits.max_staged_bytes})"
             )
 
+    def _check_stored(self, identity: str, size: int) -> None:
+        mine = [
+            a
+            for a in self.registry.adapters()
+            if a["data_owner"] == identity and a["status"] == "verified"
+        ]
+        if len(mine) >= self.limits.max_stored_adapters:
+            raise Busy(f"{identity} has {len(mine)} adapters stored with the owner (limit "
+                       f"{self.limits.max_stored_adapters}); ask the owner to remove some")  # fmt: skip
+        stored = sum(_folder_bytes(Path(a["path"])) for a in mine)
+        if stored + size > self.limits.max_stored_bytes:
+            raise Busy(f"{identity} would store {stored + size} bytes of adapters (limit "
+                       f"{self.limits.max_stored_bytes}); ask the owner to remove some")  # fmt: skip
+
     def expire_uploads(self, now: float | None = None) -> list[str]:
-        """Remove open uploads untouched for longer than the limits allow, and leftover folders."""
+        """Remove open uploads untouched for longer than the limits allow; their ids."""
         now = time.time() if now is None else now
         expired = []
-        for u in self.registry.uploads_in_state("open"):
-            if now - u["touched"] > self.limits.upload_ttl_s:
-                shutil.rmtree(self.home.uploads / u["upload_id"], ignore_errors=True)
-                self.registry.set_upload_state(u["upload_id"], "expired")
-                expired.append(u["upload_id"])
-        open_ids = {u["upload_id"] for u in self.registry.uploads_in_state("open")}
-        for folder in self.home.uploads.iterdir() if self.home.uploads.is_dir() else []:
-            if folder.name not in open_ids:
-                shutil.rmtree(folder, ignore_errors=True)
+        with self._expiry:
+            for u in self.registry.uploads_in_state("open"):
+                if now - u["touched"] > self.limits.upload_ttl_s:
+                    shutil.rmtree(self.home.uploads / u["upload_id"], ignore_errors=True)
+                    self.registry.set_upload_state(u["upload_id"], "expired")
+                    expired.append(u["upload_id"])
         return expired
+
+    def sweep_folders(self) -> list[str]:
+        """Remove the staging folders no open upload owns (left by a crash); at start and by
+        `owner cleanup` only, never while callers run (a new upload's folder would look stray)."""
+        removed = []
+        with self._expiry:
+            open_ids = {u["upload_id"] for u in self.registry.uploads_in_state("open")}
+            for folder in self.home.uploads.iterdir() if self.home.uploads.is_dir() else []:
+                if folder.name not in open_ids:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder.name)
+        return sorted(removed)
 
     def _upload(self, identity: str, upload_id: str) -> dict:
         if not upload_id.isalnum():
@@ -265,13 +322,22 @@ class OwnerService:
         self.registry.touch_upload(upload_id)
         announced = {f["name"]: f for f in upload["files"]}
         root = self.home.uploads / upload_id
+        check = self._rechecking(identity)
         for name, offset, data in chunks:
+            check()
             if name not in announced or not is_safe_name(name):
                 raise BadRequest(f"file {name!r} is not part of upload {upload_id}")
             if len(data) > MAX_CHUNK_BYTES:
                 raise BadRequest(f"chunk of {len(data)} bytes is larger than {MAX_CHUNK_BYTES}")
             with self._lock(upload_id, name):
-                self._append(root, announced[name], offset, data)
+                try:
+                    self._append(root, announced[name], offset, data)
+                except (
+                    OSError
+                ) as e:  # e.g. the folder expired meanwhile, or the disk is full: no paths
+                    log.warning("upload %s: %s", upload_id, e)
+                    raise Busy(f"upload {upload_id}: the owner could not store the chunk ({e.strerror}); "
+                               "begin the upload again later") from None  # fmt: skip
         return self.upload_status(identity, upload_id)
 
     def _append(self, root: Path, info: dict, offset: int, data: bytes) -> None:
@@ -333,6 +399,13 @@ class OwnerService:
                 else "manifest nested too deeply"
             )
             status, path = "rejected", Path("")
+        except Exception as e:  # never UNKNOWN with the upload held: rejected, the reason logged
+            log.exception("verifying upload %s", upload_id)
+            reason, status, path = (
+                f"the adapter could not be verified ({type(e).__name__})",
+                "rejected",
+                Path(""),
+            )
         if status == "verified":
             with atomic_directory(path, overwrite=True) as tmp:
                 for name in ADAPTER_FILES[open_adapter(root).kind]:
@@ -368,6 +441,10 @@ class OwnerService:
             verify_delta(adapter, bundle)
         else:
             verify_adapter_for_bundle(adapter, bundle, spec)
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else 0
 
 
 def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:

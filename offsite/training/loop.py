@@ -108,6 +108,14 @@ class TrainConfig:
             raise OffsiteError(
                 "--warmup-steps, --save-every, --eval-every and --loss-chunk-tokens must be >= 0"
             )
+        if (
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not 0 <= self.seed < 2**63
+        ):
+            raise OffsiteError(
+                f"--seed must be a whole number from 0 to 2**63 - 1 (got {self.seed})"
+            )
         part, parts = self.schedule_part
         if not 0 <= part < parts:
             raise OffsiteError(f"schedule part {part} of {parts}: needs 0 <= part < parts")

@@ -9,6 +9,7 @@ common practical stand-in for the Poisson sampling the accountants assume (said 
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 
@@ -33,15 +34,15 @@ class DPConfig:
     accountant: str = "rdp"
 
     def __post_init__(self) -> None:
-        if not self.epsilon > 0:
-            raise OffsiteError(f"--dp-epsilon {self.epsilon} must be > 0")
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise OffsiteError(f"--dp-epsilon {self.epsilon} must be a finite number > 0")
         if not 0 < self.delta < 1:
             raise OffsiteError(
                 f"--dp-delta {self.delta} must be in (0, 1), e.g. 1/(number of examples)"
             )
-        if not self.max_grad_norm > 0:
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise OffsiteError(
-                "--max-grad-norm must be > 0 with --dp-epsilon (it bounds each sample's gradient)"
+                "--max-grad-norm must be a finite number > 0 with --dp-epsilon (it bounds each sample's gradient)"
             )
         if self.accountant not in ACCOUNTANTS:
             raise OffsiteError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,11 @@ def join(
     """`data-owner join`: take part in `rounds` federated rounds. Each round: wait for the newest
     bundle issued to us that we have not trained on (start it after the owner issued round 0), fetch it, `train(bundle, out)` (returns the signed
     adapter's directory), submit. Progress is kept in WORK/join.json, so a restart carries on."""
+    if rounds < 1:
+        raise OffsiteError(f"--rounds must be >= 1 (got {rounds})")
+    for flag, value in (("--poll", poll_s), ("--wait", wait_s)):
+        if not (math.isfinite(value) and value > 0):
+            raise OffsiteError(f"{flag} must be a positive number of seconds (got {value})")
     work.mkdir(parents=True, exist_ok=True)
     log_path = work / "join.json"
     done = json.loads(log_path.read_text()) if log_path.is_file() else []

@@ -51,6 +51,16 @@ def _refusals(name: str, context) -> Iterator[None]:
     except OffsiteError as e:
         log.warning("%s refused: %s", name, e)
         context.abort(_code(e), str(e))
+    except grpc.RpcError:
+        raise
+    except Exception:  # a bug or the owner's machine (disk, memory): no details leave the server
+        if context.is_active():
+            log.exception("%s failed", name)
+            context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"{name} failed on the owner's side; the owner's log has the details",
+            )
+        raise
 
 
 def _rpc(method):
@@ -200,6 +210,23 @@ class OffsiteServicer(pb_grpc.OffsiteServicer):
         return commit_to_proto(self.service.commit(identity, request.upload_id))
 
 
+def check_listen(listen: str) -> None:
+    """Refuse an address that is not host:port with a port from 0 to 65535 (grpc would bind
+    port 99999 modulo 65536, or fail later without saying why)."""
+    host, sep, port = listen.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if (
+        not sep
+        or not host
+        or not port.isdigit()
+        or int(port) > 65535
+        or (":" in host and not bracketed)
+    ):
+        raise OffsiteError(
+            f"--listen {listen!r}: give host:port, e.g. 127.0.0.1:50051 or [::1]:50051 (port 0-65535)"
+        )
+
+
 def start_server(
     service: OwnerService, listen: str, *, insecure: bool = False
 ) -> tuple[grpc.Server, int]:
@@ -208,6 +235,7 @@ def start_server(
     As many worker threads as `service.limits.max_calls`; calls beyond that are refused with
     RESOURCE_EXHAUSTED (clients retry with backoff) instead of queueing behind idle streams.
     """
+    check_listen(listen)
     workers = service.limits.max_calls
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS,
                          maximum_concurrent_rpcs=workers)  # fmt: skip
