@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
-from offsite.evaluation.perplexity import perplexity_on_file
+from offsite.evaluation.perplexity import check_eval_options, perplexity_on_file
 from offsite.training.loop import StepInfo
 
 
@@ -54,6 +54,7 @@ def counting_bar(total: int | None, desc: str) -> tuple[Callable[[int], None], C
 
 def perplexity_with_bar(model, tokenizer, args) -> dict:
     """Perplexity on --data with the --block-size/--batch-size/--max-sequences options, with a bar."""
+    check_eval_options(args.block_size, args.batch_size, args.max_sequences)
     advance, close = counting_bar(args.max_sequences, "evaluating")
     try:
         return perplexity_on_file(
