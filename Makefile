@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo lint format protos bench clean
+.PHONY: setup test test-fast demo lint docs format protos bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ lint: setup  ## style, formatting, and the layering contracts in pyproject.toml
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
+docs: setup  ## the documentation site, strictly (fails when docs/cli.md is stale or a link is broken)
+	$(PY) -m scripts.gen_cli_docs --check
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
@@ -37,4 +41,4 @@ bench: setup
 	$(PY) -m scripts.bench_finetune
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info build/site

@@ -369,7 +369,9 @@ def _add_evaluate_offsite(sub) -> None:
         help="skip the costly full-model fine-tuning ceiling",
     )
     p.add_argument("--out", required=True, help="directory for the results")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--format", choices=("json", "md"), default="json",
+                   help="stdout: the results as JSON (default) or the summary table as Markdown")  # fmt: skip
     add_dtype(p)
     add_peft(p)
     p.set_defaults(func=cmd_evaluate_offsite)

@@ -191,7 +191,15 @@ def cmd_evaluate_offsite(args: argparse.Namespace) -> None:
                            on_phase=lambda task, name: print(f"== [{task}] {name}", file=sys.stderr, flush=True))  # fmt: skip
     finally:
         bar.close()
-    print(summary_table(results), end="")
+    if args.format == "md":
+        print(summary_table(results), end="")
+    else:
+        print_json(
+            {
+                "out": str(spec.out),
+                "results": [{k: v for k, v in r.items() if k != "curves"} for r in results],
+            }
+        )
 
 
 def cmd_sample_corpus(args: argparse.Namespace) -> None:

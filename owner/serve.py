@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 import threading
 
 from offsite.exchange.home import OwnerHome
@@ -17,8 +18,9 @@ def serve(
     """Serve until interrupted; prints one JSON line with the bound address first."""
     logging.getLogger("offsite").setLevel(logging.INFO)  # one log line per request, with the caller
     if insecure:
-        print(
+        print(  # stderr: stdout carries only the JSON line below
             "WARNING: --insecure-dev: NO TLS and NO AUTHENTICATION. Never use this outside local testing.",
+            file=sys.stderr,
             flush=True,
         )
     stop = threading.Event()

@@ -207,6 +207,8 @@ def test_evaluate_offsite_writes_the_five_settings(flow, tmp_path, capsys):
             "--test", str(flow / "corpus.txt"), "--steps", "2", "--block-size", "16", "--max-sequences", "4"]  # fmt: skip
     capsys.readouterr()
     assert owner([*args, "--model", str(flow / "model"), "--out", str(tmp_path / "r"), "--full-learning-rate", "1e-3"]) == 0  # fmt: skip
+    printed = json.loads(capsys.readouterr().out)  # stdout is JSON, as for every command
+    assert printed["results"][0]["task"] == "corpus"
     result = json.loads((tmp_path / "r" / "corpus" / "result.json").read_text())
     from offsite.training.finetune import ADAPTER_LEARNING_RATE
 
