@@ -81,6 +81,16 @@ def cmd_submit(args: argparse.Namespace) -> None:
     print_json(result)
 
 
+def finetune_job(args: argparse.Namespace, out: Path, checkpoint_dir: Path | None) -> FinetuneJob:
+    """The FinetuneJob the training options describe, for `finetune` and each round of `join`."""
+    return FinetuneJob(
+        data=Path(args.data), out=out, block_size=args.block_size, val_fraction=args.val_fraction,
+        checkpoint_dir=checkpoint_dir, resume=args.resume, overwrite=getattr(args, "overwrite", True),
+        keep_checkpoints=args.keep_checkpoints, peft=peft_options(args) if hasattr(args, "peft") else None,
+        low_memory=args.low_memory,
+    )  # fmt: skip
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     cfg = train_config(args)
     if (args.bundle is None) == (args.server is None):
@@ -88,12 +98,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if args.server and not (args.credentials or args.insecure_dev_identity):
         raise OffsiteError("--server needs --credentials")
     out = Path(args.out)
-    job = FinetuneJob(
-        data=Path(args.data), out=out, block_size=args.block_size, val_fraction=args.val_fraction,
-        checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None, resume=args.resume,
-        overwrite=args.overwrite, keep_checkpoints=args.keep_checkpoints, peft=peft_options(args),
-        low_memory=args.low_memory,
-    )  # fmt: skip
+    job = finetune_job(args, out, Path(args.checkpoint_dir) if args.checkpoint_dir else None)
     creds = load_credentials(args.credentials) if args.credentials else None
     signer = (
         Signer(creds.name, load_private(creds.signing_key.encode(), args.credentials))
@@ -145,8 +150,10 @@ def cmd_join(args: argparse.Namespace) -> None:
     def train(bundle: Bundle, out: Path) -> Path:
         creds.check_bundle(bundle)  # signed by the owner we enrolled with, issued to us
         round_cfg = round_schedule(cfg, bundle) if args.round_schedule == "continue" else cfg
-        job = FinetuneJob(data=Path(args.data), out=out, block_size=args.block_size,
-                          val_fraction=args.val_fraction, overwrite=True, low_memory=args.low_memory)  # fmt: skip
+        # a round's adapter folder never exists when it trains (join skips a trained round), so no
+        # --overwrite; --checkpoint-dir holds one folder per round, --resume continues one
+        ckpt = Path(args.checkpoint_dir) / out.name if args.checkpoint_dir else None
+        job = finetune_job(args, out, ckpt)
         bar = TrainingBar(f"round {out.name}")
         try:
             return finetune_bundle(bundle, job, round_cfg, on_step=bar, signer=signer).path
@@ -213,7 +220,7 @@ def _add_join(sub) -> None:
         "and batch order go on from round to round); restart: each round its own full schedule "
         "from the first batches (default continue)",
     )
-    add_training(p)
+    add_training(p, overwrite=False)
     add_dp(p)
     p.set_defaults(func=cmd_join)
 

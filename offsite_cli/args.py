@@ -51,7 +51,7 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_training(p: argparse.ArgumentParser) -> None:
+def add_training(p: argparse.ArgumentParser, overwrite: bool = True) -> None:
     d = TrainConfig(learning_rate=ADAPTER_LEARNING_RATE)  # the data owner trains adapter blocks
     g = p.add_argument_group("training")
     g.add_argument(
@@ -79,10 +79,10 @@ def add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default 0)"
     )
-    _add_batching(g, d)
+    _add_batching(g, d, overwrite)
 
 
-def _add_batching(g, d: TrainConfig) -> None:
+def _add_batching(g, d: TrainConfig, overwrite: bool) -> None:
     job = FinetuneJob.__dataclass_fields__
     g.add_argument(
         "--batch-size",
@@ -114,7 +114,7 @@ def _add_batching(g, d: TrainConfig) -> None:
         default=job["val_fraction"].default,
         help=f"share of sequences held out for validation (default {job['val_fraction'].default})",
     )
-    _add_run(g, d)
+    _add_run(g, d, overwrite)
 
 
 def add_peft(p: argparse.ArgumentParser) -> None:
@@ -167,7 +167,7 @@ def peft_options(args: argparse.Namespace) -> PeftOptions | None:
                        targets=args.peft_targets, virtual_tokens=args.peft_virtual_tokens)  # fmt: skip
 
 
-def _add_run(g, d: TrainConfig) -> None:
+def _add_run(g, d: TrainConfig, overwrite: bool) -> None:
     g.add_argument(
         "--seed", type=int, default=d.seed, help=f"data order and init seed (default {d.seed})"
     )
@@ -218,7 +218,8 @@ def _add_run(g, d: TrainConfig) -> None:
         action="store_true",
         help="keep the checkpoint directory after success",
     )
-    g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    if overwrite:
+        g.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
 def _dp(args: argparse.Namespace) -> DPConfig | None:

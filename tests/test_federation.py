@@ -307,3 +307,35 @@ def test_a_revoked_member_is_left_out_and_the_owner_can_resume_without_it(fed, c
     assert owner([*base, "--members", "acme,bob"]) == 0
     capsys.readouterr()
     expect_error(capsys, owner, [*base, "--members", "acme,bob,dave"], "may only leave members out")
+
+
+def test_an_interrupted_join_round_resumes_with_resume(fed, monkeypatch, capsys):
+    """Issue 24: `join` took --resume and --checkpoint-dir and dropped them, so a round interrupted
+    after a checkpoint could never be continued. Now the round's own checkpoint carries on."""
+    import data_owner.cli as cli
+    from offsite_cli.progress import TrainingBar
+
+    home, creds, _, root = fed
+    advance(home, "f1")
+    creds["acme"].save(root / "acme.creds")
+
+    class Crash(TrainingBar):
+        def __call__(self, info):
+            super().__call__(info)
+            if info.step == 3:
+                raise KeyboardInterrupt
+
+    with thread_server(home) as address:
+        argv = ["join", "--server", address, "--credentials", str(root / "acme.creds"), "--rounds", "1",
+                "--data", str(root / "d.txt"), "--work", str(root / "w"), "--poll", "0.1", "--wait", "5",
+                "--max-steps", "6", "--save-every", "2", "--block-size", "16", "--batch-size", "2",
+                "--val-fraction", "0", "--checkpoint-dir", str(root / "ck")]  # fmt: skip
+        monkeypatch.setattr(cli, "TrainingBar", Crash)
+        assert cli.main(argv) == 130
+        assert (root / "ck" / "round-0").is_dir() and not (root / "w" / "round-0").exists()
+        monkeypatch.setattr(cli, "TrainingBar", TrainingBar)
+        expect_error(capsys, cli.main, argv, "pass --resume")
+        assert cli.main([*argv, "--resume"]) == 0
+    training = open_adapter(root / "w" / "round-0").manifest["training"]
+    assert training["steps"] == 6 and training["tokens_this_run"] == 4 * 2 * 16  # steps 3-6 only
+    assert advance(home, "f1")["members"]["acme"] == "received"
