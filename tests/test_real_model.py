@@ -76,3 +76,14 @@ def test_mild_emulator_is_worse_and_a_short_finetune_beats_zero_shot(tmp_path, c
     plug_in = _json(capsys, owner, ["evaluate", "--model", str(merged), *EVAL])["perplexity"]
     print(f"full zero-shot {full:.2f}  emulator zero-shot {emulator:.2f}  plug-in {plug_in:.2f}")
     assert plug_in < full, "fine-tuning through the emulator must help the full model on the domain"
+
+    # chat data on the Instruct model's own template: the loss on the assistant turns only
+    chat = tmp_path / "chat.jsonl"
+    lines = (SAMPLES / "shakespeare-train.txt").read_text().split("\n\n")[:16]
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "Say a line of Shakespeare."},
+                                                     {"role": "assistant", "content": line.strip()}]}) + "\n"
+                            for line in lines if line.strip()))  # fmt: skip
+    tuned = _json(capsys, data_owner, ["finetune", "--bundle", str(bundle), "--data", str(chat), "--out",
+                                       str(tmp_path / "chat-adapter"), "--max-steps", "2", "--batch-size", "2",
+                                       "--block-size", "128", "--val-fraction", "0"])  # fmt: skip
+    assert tuned["steps"] == 2 and tuned["final_loss"] > 0

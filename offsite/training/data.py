@@ -1,4 +1,5 @@
-"""Training and evaluation data: .txt packed into blocks, or .jsonl of text or prompt/completion."""
+"""Training and evaluation data: .txt packed into blocks, or .jsonl of text, prompt/completion or
+chat messages (offsite.training.chat)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from pathlib import Path
 import torch
 
 from offsite.errors import OffsiteError
-
-IGNORE_INDEX = -100
+from offsite.training.chat import IGNORE_INDEX, chat_examples
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class TokenData:
     examples: list[Example]
     source: str
     sha256: str
-    mode: str  # "packed" or "prompt_completion"
+    mode: str  # "packed", "prompt_completion" or "chat"
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -111,12 +111,14 @@ def _parse_jsonl(path: Path, text: str) -> list[tuple[int, dict]]:
 
 
 def _row_kind(path: Path, lineno: int, obj: dict) -> str:
+    if "messages" in obj:
+        return "chat"
     if isinstance(obj.get("prompt"), str) and isinstance(obj.get("completion"), str):
         return "prompt_completion"
     if isinstance(obj.get("text"), str):
         return "text"
     raise OffsiteError(
-        f"{path}:{lineno}: needs a string 'text', or string 'prompt' and 'completion'"
+        f"{path}:{lineno}: needs a string 'text', string 'prompt' and 'completion', or a 'messages' list"
     )
 
 
@@ -170,8 +172,11 @@ def load_data(path: str | Path, tokenizer, block_size: int) -> TokenData:
             if _row_kind(path, lineno, obj) != _row_kind(path, *rows[0])
         )
         raise OffsiteError(
-            f"{path}:{first}: mixes 'text' rows with 'prompt'/'completion' rows; use one kind per file"
+            f"{path}:{first}: mixes kinds of rows ('text', 'prompt'/'completion', 'messages'); use one kind per file"
         )
+    if kinds == {"chat"}:
+        pairs = chat_examples(path, rows, tokenizer, block_size)
+        return TokenData([Example(i, lab) for i, lab in pairs], str(path), digest, "chat")
     if kinds == {"prompt_completion"}:
         return TokenData(
             _prompt_completion(
