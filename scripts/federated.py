@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from scripts.simulate import Phase, cli, fail, start_server
+from scripts.processes import Phase, cli, fail, start_server
 
 POOLED_ALL = "pooled data, the federation's total steps"
 NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi")

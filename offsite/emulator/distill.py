@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from offsite.emulator.build import build_emulator
 from offsite.emulator.plan import SplitPlan
 from offsite.errors import OffsiteError
-from offsite.models.architectures import get_blocks
+from offsite.models.architectures import get_blocks, hidden_of
 from offsite.training.data import TokenData
 from offsite.training.loop import StepInfo, TrainConfig, make_accelerator, train
 
@@ -30,10 +30,6 @@ DEFAULT_WEIGHT = 30.0
 class _Stop(Exception):
     def __init__(self, hidden: torch.Tensor) -> None:
         self.hidden = hidden
-
-
-def _hidden(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
 
 
 @dataclass
@@ -60,11 +56,11 @@ class DistillLoss:
         self._student_hidden = None
 
     def _capture(self, module, args, output) -> None:
-        self._student_hidden = _hidden(output)
+        self._student_hidden = hidden_of(output)
 
     @staticmethod
     def _stop(module, args, output) -> None:
-        raise _Stop(_hidden(output))
+        raise _Stop(hidden_of(output))
 
     @torch.no_grad()
     def target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -38,7 +38,7 @@ from transformers import PreTrainedModel
 from offsite.emulator.build import build_emulator
 from offsite.emulator.plan import SplitPlan
 from offsite.errors import OffsiteError
-from offsite.models.architectures import get_blocks
+from offsite.models.architectures import get_blocks, hidden_of
 from offsite.models.modes import eval_mode
 from offsite.training.data import TokenData, collate
 
@@ -91,10 +91,6 @@ def spans(plan: SplitPlan) -> list[tuple[int, int, int]]:
     return list(zip(kept, starts, ends, strict=True))
 
 
-def _hidden(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
 @dataclass
 class BlockCall:
     """How the model called one block on one batch: positional and keyword arguments."""
@@ -112,8 +108,8 @@ class BlockCall:
         dtype = next(block.parameters()).dtype
         args, kwargs = _cast((x, *self.args[1:]), dtype), _cast(self.kwargs, dtype)
         if self.args:
-            return _hidden(block(*args, **kwargs))
-        return _hidden(block(**{**kwargs, "hidden_states": args[0]}))
+            return hidden_of(block(*args, **kwargs))
+        return hidden_of(block(**{**kwargs, "hidden_states": args[0]}))
 
 
 def _cast(value, dtype: torch.dtype):
@@ -164,8 +160,8 @@ def _capture(
 
     def post(i):
         def fn(module, args, output):
-            current.setdefault("out", {})[i] = _hidden(output).detach()
-            keep_grad("gout", i, _hidden(output))
+            current.setdefault("out", {})[i] = hidden_of(output).detach()
+            keep_grad("gout", i, hidden_of(output))
 
         return fn
 

@@ -2,114 +2,20 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import PreTrainedModel
-
-from offsite import __version__
-from offsite.artefacts.bundle import (
-    BUNDLE_FORMAT,
-    BUNDLE_FORMAT_VERSION,
-    Bundle,
-    write_bundle,
-)
+from offsite.artefacts.bundle import Bundle
 from offsite.artefacts.signing import Signer
 from offsite.atomic import check_apart, check_output_dir
-from offsite.emulator.build import build_emulator
-from offsite.emulator.plan import SplitPlan, make_plan
-from offsite.emulator.recipe import EmulatorRecipe, make_emulator
-from offsite.models.architectures import block_prefix, num_blocks
-from offsite.models.fingerprint import model_fingerprint
-from offsite.models.loading import (
-    DEFAULT_MODEL,
-    load_model,
-    load_tokenizer,
-)
+from offsite.emulator.bundling import PackageSpec, bundle_manifest, package_emulator
+from offsite.emulator.recipe import make_emulator
+from offsite.emulator.streamed import package_streaming
+from offsite.models.architectures import num_blocks
+from offsite.models.loading import load_model, load_tokenizer
 from offsite.training.loop import StepInfo
 
-
-def bundle_manifest(
-    model: PreTrainedModel, plan: SplitPlan, base_name: str, fingerprint: str, extra: dict | None
-) -> dict:
-    """The manifest (without file hashes) describing `plan` applied to `model`."""
-    adapter = set(plan.adapter)
-    blocks = [
-        {"index": i, "source": src, "role": "adapter" if src in adapter else "emulator"}
-        for i, src in enumerate(plan.emulator_order)
-    ]
-    return {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "offsite_version": __version__,
-        "base_model": {
-            "name": base_name,
-            "fingerprint": fingerprint,
-            "model_type": model.config.model_type,
-            "num_layers": plan.num_layers,
-            "block_prefix": block_prefix(model.config.model_type),
-        },
-        "blocks": blocks,
-        "emulator": {
-            "strategy": plan.strategy,
-            "kept": list(plan.kept),
-            "dropped": list(plan.dropped),
-        },
-        **(extra or {}),
-    }
-
-
-def package_emulator(
-    model: PreTrainedModel,
-    tokenizer,
-    plan: SplitPlan,
-    out: str | Path,
-    *,
-    base_name: str,
-    overwrite: bool = False,
-    extra: dict | None = None,
-    inplace: bool = False,
-    signer: Signer | None = None,
-    emulator: PreTrainedModel | None = None,
-) -> Bundle:
-    """Write the emulator for `plan` as a bundle directory (signed if `signer`), atomically.
-
-    The emulator is built from `model` unless a prepared one (e.g. distilled) is passed.
-    """
-    manifest = bundle_manifest(model, plan, base_name, model_fingerprint(model), extra)
-    if emulator is None:
-        emulator = build_emulator(model, plan, inplace=inplace)
-    return write_bundle(emulator, tokenizer, manifest, out, overwrite=overwrite, signer=signer)
-
-
-@dataclass(frozen=True)
-class PackageSpec:
-    """What `owner package-emulator` builds: which model, which split, which emulator recipe."""
-
-    out: Path
-    model: str = DEFAULT_MODEL
-    adapter_bottom: int = 2
-    adapter_top: int = 2
-    adapter_blocks: tuple[int, ...] | None = None
-    emulator_layers: int | None = None
-    drop_ratio: float | None = None
-    emulator_blocks: tuple[int, ...] | None = None
-    recipe: EmulatorRecipe = field(default_factory=EmulatorRecipe)
-    dtype: torch.dtype | None = None
-    overwrite: bool = False
-    stream: bool = False  # build the bundle tensor by tensor from the model's safetensors files
-
-    def plan(self, depth: int) -> SplitPlan:
-        """The split of a `depth`-block model this spec asks for (before any selection)."""
-        return make_plan(
-            depth,
-            adapter_bottom=self.adapter_bottom, adapter_top=self.adapter_top, adapter_blocks=self.adapter_blocks,
-            emulator_layers=self.emulator_layers, drop_ratio=self.drop_ratio, kept_blocks=self.emulator_blocks,
-        )  # fmt: skip
+__all__ = ["PackageSpec", "bundle_manifest", "package", "package_emulator"]
 
 
 def package(
@@ -126,8 +32,6 @@ def package(
     check_apart({"--out": spec.out, "--checkpoint-dir": r.checkpoint_dir}, {"--model": model_dir},
                 {"--selection-data": r.selection_data, "--distill-data": r.distill_data})  # fmt: skip
     if spec.stream:
-        from offsite.emulator.streamed import package_streaming  # it builds on this module
-
         return package_streaming(spec, signer=signer, extra=extra)
     model = load_model(spec.model, dtype=spec.dtype)
     tokenizer = load_tokenizer(spec.model)

@@ -13,7 +13,7 @@ from offsite.emulator.compress import prune_magnitude, quantize_weights
 from offsite.emulator.distill import DEFAULT_WEIGHT, distill_emulator
 from offsite.emulator.layerwise import LayerwiseConfig, distill_layerwise
 from offsite.emulator.plan import SplitPlan
-from offsite.emulator.selection import STRATEGIES, block_stats, select_plan
+from offsite.emulator.selection import STRATEGIES, block_stats, select_recorded
 from offsite.emulator.transfer import transfer_score
 from offsite.errors import OffsiteError
 from offsite.training.data import TokenData, load_data, pad_id_of, split_validation
@@ -59,6 +59,13 @@ class EmulatorRecipe:
             )
 
 
+def owner_sample(recipe: EmulatorRecipe, tokenizer) -> TokenData:
+    """The owner's sample text that selection and fitting measure blocks on."""
+    return load_data(
+        recipe.selection_data or recipe.distill_data or PUBLIC_SAMPLE, tokenizer, recipe.block_size
+    )
+
+
 def make_emulator(
     full: PreTrainedModel,
     tokenizer,
@@ -69,13 +76,9 @@ def make_emulator(
 ) -> tuple[PreTrainedModel, SplitPlan, dict]:
     """The emulator, the final plan and a manifest record of how it was made (with its transfer score)."""
     record: dict = {"selection": {"strategy": recipe.selection}}
-    sample = load_data(
-        recipe.selection_data or recipe.distill_data or PUBLIC_SAMPLE, tokenizer, recipe.block_size
-    )
+    sample = owner_sample(recipe, tokenizer)
     if recipe.selection in ("redundancy", "similarity"):
-        stats = block_stats(full, sample)
-        plan = select_plan(plan, recipe.selection, stats)
-        record["selection"]["redundancy"] = [round(x, 5) for x in stats.redundancy]
+        plan = select_recorded(plan, recipe.selection, block_stats(full, sample), record)
     record["selection"].update(strategy=plan.strategy, kept=list(plan.kept))
     # the transfer score is measured on sequences the layer-wise fit does not use
     held = (

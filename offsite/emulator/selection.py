@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from offsite.emulator.plan import SplitPlan
 from offsite.errors import OffsiteError
-from offsite.models.architectures import get_blocks
+from offsite.models.architectures import get_blocks, hidden_of
 from offsite.models.modes import eval_mode
 from offsite.training.data import TokenData, collate
 
@@ -33,10 +33,6 @@ class BlockStats:
     similarity: list[list[float]]
 
 
-def _hidden(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
 @torch.no_grad()
 def block_stats(
     model: PreTrainedModel, data: TokenData, *, batch_size: int = 4, max_sequences: int = 32
@@ -49,7 +45,7 @@ def block_stats(
     def hook(index):
         def fn(module, args, kwargs, output):
             x = args[0] if args else kwargs["hidden_states"]
-            captured[index] = (x.detach().float(), _hidden(output).detach().float())
+            captured[index] = (x.detach().float(), hidden_of(output).detach().float())
 
         return fn
 
@@ -140,3 +136,12 @@ def select_plan(plan: SplitPlan, strategy: str, stats: BlockStats | None) -> Spl
     middle, k = list(plan.middle), len(plan.kept)
     pick = keep_least_redundant if strategy == "redundancy" else keep_cluster_representatives
     return SplitPlan(plan.num_layers, plan.adapter, tuple(pick(middle, k, stats)), strategy)
+
+
+def select_recorded(plan: SplitPlan, rule: str, stats, record: dict) -> SplitPlan:
+    """`plan` with its middle chosen by `rule` from `stats`; `record['selection']` gets the
+    per-block redundancy scores and the choice (what the bundle manifest records)."""
+    plan = select_plan(plan, rule, stats)
+    record["selection"]["redundancy"] = [round(x, 5) for x in stats.redundancy]
+    record["selection"].update(strategy=plan.strategy, kept=list(plan.kept))
+    return plan

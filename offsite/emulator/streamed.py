@@ -34,14 +34,13 @@ from offsite.emulator.blockwise import (
     save_block_file,
 )
 from offsite.emulator.build import check_plan_fits
-from offsite.emulator.package import PackageSpec, bundle_manifest
+from offsite.emulator.bundling import PackageSpec, bundle_manifest
 from offsite.emulator.plan import SplitPlan
-from offsite.emulator.recipe import PUBLIC_SAMPLE
-from offsite.emulator.selection import select_plan
+from offsite.emulator.recipe import owner_sample
+from offsite.emulator.selection import select_recorded
 from offsite.errors import OffsiteError
 from offsite.models.architectures import block_prefix, num_blocks, set_blocks
 from offsite.models.loading import load_tokenizer, local_path, resolve_model
-from offsite.training.data import load_data
 
 NOT_MEASURED = (
     "the transfer score needs gradients through the whole model; not measured when streamed"
@@ -94,13 +93,9 @@ def package_streaming(
     blockwise = sample = None
     if r.selection == "redundancy" or r.layerwise is not None:
         blockwise = BlockwiseModel(source)
-        sample = load_data(
-            r.selection_data or r.distill_data or PUBLIC_SAMPLE, tokenizer, r.block_size
-        )
+        sample = owner_sample(r, tokenizer)
     if r.selection == "redundancy":
-        stats = block_stats_blockwise(blockwise, sample)
-        plan = select_plan(plan, "redundancy", stats)
-        record["selection"]["redundancy"] = [round(x, 5) for x in stats.redundancy]
+        plan = select_recorded(plan, "redundancy", block_stats_blockwise(blockwise, sample), record)
     record["selection"].update(strategy=plan.strategy, kept=list(plan.kept))
     prefix = block_prefix(model.config.model_type)
     position = {src: i for i, src in enumerate(plan.emulator_order)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import nn
 
 from offsite.errors import OffsiteError
@@ -206,3 +207,8 @@ def slice_config(config, spec: ArchSpec, kept: list[int]) -> None:
             )
         setattr(config, name, [values[i] for i in kept])
     setattr(config, spec.depth_attr, len(kept))
+
+
+def hidden_of(output) -> torch.Tensor:
+    """A block's output hidden state: some families return it alone, others first in a tuple."""
+    return output[0] if isinstance(output, tuple) else output
