@@ -24,11 +24,11 @@ INPUTS = {
     "home": "--home", "model": "--model", "bundle": "--bundle", "adapter": "--adapter", "data": "--data",
     "credentials": "--credentials", "signer_key": "--signer-key", "selection_data": "--selection-data",
     "distill_data": "--distill-data", "train": "--train", "test": "--test", "data_root": "--data-root",
-    "task": "--task",
+    "task": "--task", "config": "--config",
 }  # fmt: skip
 # string arguments that name no file (a test checks every command's arguments fall in one of the three)
 NOT_PATHS = {
-    "bundle_id", "dp_accountant", "dtype", "for_", "insecure_dev_identity", "layerwise_inputs", "listen",
+    "bundle_id", "dp_accountant", "dtype", "for_", "format", "insecure_dev_identity", "layerwise_inputs", "listen",
     "lr_scheduler", "mixed_precision", "name", "peft", "round_schedule", "selection", "server", "server_name",
 }  # fmt: skip
 # commands that create what is an input elsewhere

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 
 from offsite.errors import OffsiteError
+from offsite_cli.config import add_config, expand_config
 from offsite_cli.paths import check_outputs_apart
 
 EXIT_USAGE = 2
@@ -27,9 +28,20 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+class _Commands(argparse._SubParsersAction):
+    """Sub-commands that each take --config FILE.yaml."""
+
+    def add_parser(self, name, **kwargs):
+        sub = super().add_parser(name, **kwargs)
+        add_config(sub)
+        return sub
+
+
 def subparsers(parser: argparse.ArgumentParser):
-    """Sub-command registry for `parser` (each sub-parser also errors in one line)."""
-    return parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    """Sub-command registry for `parser` (each sub-parser errors in one line and takes --config)."""
+    return parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, action=_Commands
+    )
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -46,6 +58,11 @@ def _quiet_libraries(verbose: bool) -> None:
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
     """Parse `argv`, run the chosen command, and map OffsiteError to exit code 2."""
+    try:
+        argv = expand_config(parser, list(sys.argv[1:] if argv is None else argv))
+    except OffsiteError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # usage errors (code 2) and --help (code 0), already printed

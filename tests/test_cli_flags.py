@@ -12,7 +12,7 @@ import pytest
 from data_owner.cli import build_parser as data_owner_parser
 from owner.cli import build_parser as owner_parser
 
-IGNORED = {"help", "verbose", "command", "func"}
+IGNORED = {"help", "verbose", "command", "func", "config"}  # --config: read by the runner
 
 
 def _read(fn, seen: set) -> set[str]:
