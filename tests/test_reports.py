@@ -91,3 +91,23 @@ def test_realign_study_compares_a_kept_and_a_realigned_emulator(tmp_path, monkey
     assert first[0]["plug_in"] == first[1]["plug_in"], "round 1: the same emulator and batches"
     assert "realign_seconds" in first[1] and (2, "realigned") in by and (2, "kept") in by
     assert set(rows[-1]) == {"full_zero_shot", "full_finetuned"}
+
+
+def test_intervals_and_the_seed_summary():
+    """Means over seeds with Student's t 95% intervals; a floor is kept only by the lower end."""
+    from scripts import transfer_study
+    from scripts.intervals import interval, kept, t95
+
+    iv = interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(2) = 4.303
+    assert iv["mean"] == 2.0 and abs(iv["high"] - 2.0 - 4.303 / 3**0.5) < 1e-9 and t95(40) == 1.96
+    assert kept(interval([5.0]), 1.0) is None and kept(iv, -0.5) is True and kept(iv, 0.0) is False
+    base = {"task": "sst2", "recipe": "layerwise", "metric": "accuracy", "steps": 200, "block_size": 256,
+            "full_zero_shot": 0.5, "full_finetuned": 0.9, "emulator_zero_shot": 0.5}  # fmt: skip
+    rows = [{**base, "seed": s, "plug_in": p, "emulator_finetuned": e, "gap_closed": (p - 0.5) / 0.4,
+             "privacy_margin": p - e} for s, p, e in ((0, 0.80, 0.70), (1, 0.82, 0.80), (2, 0.78, 0.77))]  # fmt: skip
+    (s,) = transfer_study.summarize(rows)
+    assert s["seeds"] == [0, 1, 2] and s["budget"] == "200x4x256"
+    assert (
+        abs(s["privacy_margin"]["mean"] - 0.0433) < 1e-3 and s["margin_kept"] is False
+    )  # mean above 3 points, interval not
+    assert "| sst2 | layerwise | 200x4x256 | 0,1,2 |" in transfer_study.summary_table([s])
