@@ -135,7 +135,11 @@ def test_bad_dp_options_get_one_line_errors(flow, capsys):
     base = ["finetune", "--bundle", str(flow / "b"), "--data", str(flow / "d.txt"), "--out", str(flow / "a"),
             "--max-steps", "1", "--block-size", "16"]  # fmt: skip
     expect_error(
-        capsys, data_owner, [*base, "--dp-epsilon", "0"], "--dp-epsilon 0.0 must be > 0", flow / "a"
+        capsys,
+        data_owner,
+        [*base, "--dp-epsilon", "0"],
+        "--dp-epsilon 0.0 must be a finite number > 0",
+        flow / "a",
     )
     expect_error(
         capsys,

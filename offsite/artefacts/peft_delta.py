@@ -85,13 +85,13 @@ class PeftOptions:
             )
         if not isinstance(self.rank, int) or not isinstance(self.virtual_tokens, int):
             raise OffsiteError("--lora-rank and --peft-virtual-tokens must be whole numbers")
-        if not 0 < self.alpha / self.rank <= MAX_LORA_SCALE:
-            raise OffsiteError(
-                f"--lora-alpha / --lora-rank must be in (0, {MAX_LORA_SCALE:g}] (got {self.alpha}/{self.rank})"
-            )
         if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1 or self.virtual_tokens < 1:
             raise OffsiteError(
                 "--lora-rank and --peft-virtual-tokens must be >= 1, --lora-alpha > 0, --lora-dropout in [0, 1)"
+            )
+        if not 0 < self.alpha / self.rank <= MAX_LORA_SCALE:
+            raise OffsiteError(
+                f"--lora-alpha / --lora-rank must be in (0, {MAX_LORA_SCALE:g}] (got {self.alpha}/{self.rank})"
             )
         bad = [t for t in self.targets if not isinstance(t, str) or not _NAME.match(t)]
         if bad:

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -26,7 +25,7 @@ from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import SplitPlan
 from offsite.evaluation.tasks import Task
 from offsite.training.data import TokenData, pad_id_of
-from offsite.training.finetune import hold_frozen_weights, make_trainable, trained_adapter
+from offsite.training.finetune import train_adapter
 from offsite.training.loop import StepInfo, TrainConfig, train
 
 # The full-model ceiling's learning rate (README: 2e-4 beat 1e-3 and 1e-4 for full fine-tuning).
@@ -119,20 +118,21 @@ def evaluate_offsite(
     train_data = task.train_data(tokenizer)
     board.score("full_zero_shot", full)
     board.score("emulator_zero_shot", emulator)
-    with tempfile.TemporaryDirectory() as tmp:
+    with (
+        tempfile.TemporaryDirectory() as tmp
+    ):  # the data owner's side: from a bundle, as `finetune`
         bundle = package_emulator(
             full, tokenizer, plan, Path(tmp) / "bundle", base_name="eval", emulator=emulator
         )
-        student = bundle.load_model(dtype=torch.float32)
-    peft = peft.resolved(full.config.model_type) if peft is not None else None
-    student, _ = make_trainable(student, bundle, peft)
-    hold_frozen_weights(student, cfg)
-    board.phase("fine-tuning the adapter through the emulator")
-    summary = train(student, train_data, cfg, pad_id=pad_id_of(tokenizer), on_step=on_step)
-    student = student.float()  # scored outside autocast: one dtype again
-    board.r["curves"]["emulator_finetune"] = [h["loss"] for h in summary["history"]]
+        board.phase("fine-tuning the adapter through the emulator")
+        run = train_adapter(
+            bundle, train_data, cfg, pad_id=pad_id_of(tokenizer), peft=peft, on_step=on_step
+        )
+    peft = run.peft
+    student = run.model.float()  # scored outside autocast: one dtype again
+    board.r["curves"]["emulator_finetune"] = [h["loss"] for h in run.summary["history"]]
     board.score("emulator_finetuned", student)
-    state, kind = trained_adapter(student, bundle, peft)
+    state, kind, summary = run.state, run.kind, run.summary
     plugged = copy.deepcopy(full)
     if "peft" in kind:
         plugged = plug_delta(plugged, peft, bundle, state)

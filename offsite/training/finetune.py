@@ -28,7 +28,7 @@ from offsite.errors import OffsiteError
 from offsite.models.architectures import get_blocks
 from offsite.training.allocator import limit_heap_growth
 from offsite.training.checkpoint import remove_checkpoints
-from offsite.training.data import load_data, pad_id_of, split_validation
+from offsite.training.data import TokenData, load_data, pad_id_of, split_validation
 from offsite.training.loop import StepInfo, TrainConfig, make_accelerator, train
 from offsite.training.loss import causal_lm_of
 
@@ -161,6 +161,50 @@ class _Widen(torch.nn.Module):
         return stored.float()
 
 
+@dataclass
+class TrainedAdapter:
+    """A trained emulator and what the data owner returns from it."""
+
+    model: torch.nn.Module  # the emulator as trained (unwrapped from any accelerator)
+    state: dict[str, torch.Tensor]  # keyed by the full model's names
+    kind: dict  # the matching save_adapter keywords
+    summary: dict  # the training loop's summary
+    trainable: int  # trainable parameters
+    peft: PeftOptions | None  # the options as resolved for this architecture
+
+
+def train_adapter(
+    bundle: Bundle,
+    data: TokenData,
+    cfg: TrainConfig,
+    *,
+    pad_id: int,
+    peft: PeftOptions | None = None,
+    low_memory: bool = False,
+    run_key: dict | None = None,
+    **train_kwargs,
+) -> TrainedAdapter | None:
+    """Load the bundle's emulator, make its adapter (or PEFT modules in it) trainable, train it on
+    `data`; the one sequence `finetune` and the five-settings evaluation share. None on processes
+    other than the main one. `train_kwargs` go to the training loop (validation, checkpoints...)."""
+    torch.manual_seed(cfg.seed)
+    model = bundle.load_model(dtype=torch.float32)
+    check_bundle_model(bundle, model)
+    options = peft.resolved(model.config.model_type) if peft else None
+    model, n_trainable = make_trainable(model, bundle, options)
+    hold_frozen_weights(model, cfg, low_memory=low_memory)
+    log.info("training %d adapter parameters on %d examples", n_trainable, len(data))
+    if run_key is not None:
+        run_key = {**run_key, "peft": options.to_json() if options else None}
+    summary = train(model, data, cfg, pad_id=pad_id, run_key=run_key, **train_kwargs)
+    acc = train_kwargs.get("accelerator")
+    if acc is not None and not acc.is_main_process:
+        return None
+    model = acc.unwrap_model(model) if acc is not None else model
+    state, kind = trained_adapter(model, bundle, options)
+    return TrainedAdapter(model, state, kind, summary, n_trainable, options)
+
+
 def finetune_bundle(
     bundle: Bundle,
     job: FinetuneJob,
@@ -186,25 +230,17 @@ def finetune_bundle(
     tokenizer = bundle.load_tokenizer()
     data = load_data(job.data, tokenizer, job.block_size)
     train_data, val_data = split_validation(data, job.val_fraction, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = bundle.load_model(dtype=torch.float32)
-    check_bundle_model(bundle, model)
-    options = job.peft.resolved(model.config.model_type) if job.peft else None
-    model, n_trainable = make_trainable(model, bundle, options)
-    hold_frozen_weights(model, cfg, low_memory=job.low_memory)
-    log.info("training %d adapter parameters on %d examples", n_trainable, len(train_data))
-    summary = train(
-        model, train_data, cfg, pad_id=pad_id_of(tokenizer), val_data=val_data,
-        checkpoint_dir=job.checkpoints, resume=job.resume, on_step=on_step, accelerator=acc,
-        run_key={"bundle_id": bundle.bundle_id, "block_size": job.block_size, "val_fraction": job.val_fraction,
-                 "peft": options.to_json() if options else None},
+    run = train_adapter(
+        bundle, train_data, cfg, peft=job.peft, pad_id=pad_id_of(tokenizer), val_data=val_data,
+        low_memory=job.low_memory, checkpoint_dir=job.checkpoints, resume=job.resume, on_step=on_step,
+        accelerator=acc, run_key={"bundle_id": bundle.bundle_id, "block_size": job.block_size,
+                                  "val_fraction": job.val_fraction},
     )  # fmt: skip
-    if not acc.is_main_process:
-        return None
-    summary.update(
-        trainable_parameters=n_trainable, block_size=job.block_size, data_file=job.data.name
-    )
-    state, kind = trained_adapter(acc.unwrap_model(model), bundle, options)
+    if run is None:
+        return None  # not the main process
+    summary = {**run.summary, "trainable_parameters": run.trainable, "block_size": job.block_size,
+               "data_file": job.data.name}  # fmt: skip
+    state, kind = run.state, run.kind
     if (
         "peft" not in kind
     ):  # trained in float32, returned in the bundle's dtype (a delta stays float32)
