@@ -199,6 +199,31 @@ def test_revocation_stops_a_running_download_and_upload(env, tmp_path):
         service.close()
 
 
+def test_revocation_stops_a_running_upload(tmp_path):
+    home, _, bundles = make_env(tmp_path, ["alice"])
+    service = OwnerService(home, limits=ServiceLimits(recheck_s=0.01))
+    try:
+        files = [
+            {"name": n, "size": 4096, "sha256": "0" * 64}
+            for n in (WEIGHTS_NAME, ADAPTER_MANIFEST, ADAPTER_SIGNATURE)
+        ]
+        upload = service.begin_upload("alice", bundles["alice"].bundle_id, files)["upload_id"]
+
+        def chunks():
+            for i in range(64):
+                if i == 2:
+                    with home.registry() as registry:
+                        registry.revoke("alice")
+                time.sleep(0.02)
+                yield WEIGHTS_NAME, 64 * i, b"x" * 64
+
+        with pytest.raises(Unauthenticated, match="revoked"):
+            service.write("alice", upload, chunks())
+        assert (home.uploads / upload / f"{WEIGHTS_NAME}.part").stat().st_size < 64 * 8
+    finally:
+        service.close()
+
+
 # 9. no cross-identity interference, no server paths in errors, cleanup tells the truth,
 #    regular files only, killed writers' leftovers removed, disk space checked up front
 def test_another_identitys_begin_upload_leaves_a_fresh_staging_folder_alone(tmp_path):
