@@ -59,8 +59,11 @@ def test_cli_writes_a_corpus_distillation_can_read(tmp_path, tokenizer, capsys):
     assert out.read_text() == "keep me"
     assert owner([*args[:4], str(tmp_path / "missing" / "c.txt"), *args[5:]]) == 2
     assert "no such directory" in capsys.readouterr().err
-    assert owner([*args[:4], str(tmp_path), *args[5:], "--overwrite"]) == 2
+    (tmp_path / "a-dir").mkdir()
+    assert owner([*args[:4], str(tmp_path / "a-dir"), *args[5:], "--overwrite"]) == 2
     assert "is a directory" in capsys.readouterr().err
+    assert owner([*args[:4], str(tmp_path), *args[5:], "--overwrite"]) == 2  # it holds the model
+    assert "overlaps --model" in capsys.readouterr().err
 
 
 def test_an_empty_sample_is_an_error(tmp_path):

@@ -134,6 +134,26 @@ def local_path(source: ModelSource) -> str:
 GGUF_DTYPE = torch.bfloat16  # what a GGUF source loads as unless a dtype is chosen
 
 
+_warned = False
+
+
+def _warn_once() -> None:
+    global _warned
+    _warned = True
+
+
+def native_bf16() -> bool:
+    """Whether this machine computes in bfloat16 natively (a GPU, or a CPU with AVX512-BF16 or
+    AMX); elsewhere bf16 matmuls are emulated and run about ten times slower than float32."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def load_model(spec: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """Load a causal LM from any supported --model spec, checking its architecture is supported.
 
@@ -144,6 +164,10 @@ def load_model(spec: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
     path = local_path(source)
     if dtype is None and source.gguf_file is not None:
         dtype = GGUF_DTYPE
+        if not native_bf16() and not _warned:
+            _warn_once()
+            log.warning("%s loads as bfloat16, which this CPU emulates (slow); --dtype float32 computes "
+                        "several times faster (bundles and merged models are then float32)", spec)  # fmt: skip
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:
