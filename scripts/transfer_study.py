@@ -140,25 +140,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Gap closed against privacy margin, one point per recipe and task: the frontier to choose on."""
+def _panels(items: list[dict], path: Path, draw, goal: int, title: str) -> None:
+    """One panel per task of gap closed against privacy margin; `draw(ax, items, scale)` its points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({r["task"] for r in rows})
+    tasks = sorted({r["task"] for r in items})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4.2), squeeze=False)
     for ax, name in zip(axes[0], tasks, strict=True):
-        sub = [r for r in rows if r["task"] == name]
+        sub = [r for r in items if r["task"] == name]
         acc = sub[0]["metric"] == "accuracy"
-        for r in sub:
-            y = 100 * r["privacy_margin"] if acc else r["privacy_margin"]
-            ax.scatter(100 * r["gap_closed"], y)
-            ax.annotate(r["recipe"], (100 * r["gap_closed"], y), fontsize=7)
+        draw(ax, sub, 100 if acc else 1)
         ax.axhline(3 if acc else 1.3, color="grey", linestyle=":", label="privacy floor")
-        ax.axvline(80, color="green", linestyle=":", label="80% of the gap")
-        ax.set_title(name)
+        ax.axvline(goal, color="green", linestyle=":", label=f"{goal}% of the gap")
+        ax.set_title(f"{name}{title}")
         ax.set_xlabel("gap closed by the plug-in (%)")
         ax.set_ylabel(
             "privacy margin (points)" if acc else "privacy margin (emulator fine-tuned / plug-in)"
@@ -166,6 +163,19 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Gap closed against privacy margin, one point per recipe and task: the frontier to choose on."""
+
+    def draw(ax, sub, scale):
+        for r in sub:
+            ax.scatter(100 * r["gap_closed"], scale * r["privacy_margin"])
+            ax.annotate(
+                r["recipe"], (100 * r["gap_closed"], scale * r["privacy_margin"]), fontsize=7
+            )
+
+    _panels(rows, path, draw, 80, "")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -327,17 +337,8 @@ def _err(iv: dict, k: float) -> list | None:
 
 def plot_summary(summary: list[dict], path: Path) -> None:
     """Gap closed against privacy margin with 95% intervals, one point per recipe x budget."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = sorted({s["task"] for s in summary})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4.2), squeeze=False)
-    for ax, name in zip(axes[0], tasks, strict=True):
-        sub = [s for s in summary if s["task"] == name]
-        acc = sub[0]["metric"] == "accuracy"
-        scale = 100 if acc else 1
+    def draw(ax, sub, scale):
         for s in sub:
             g, m = s["gap_closed"], s["privacy_margin"]
             ax.errorbar(
@@ -351,16 +352,8 @@ def plot_summary(summary: list[dict], path: Path) -> None:
             ax.annotate(
                 f"{s['recipe']} {s['budget']}", (100 * g["mean"], scale * m["mean"]), fontsize=7
             )
-        ax.axhline(3 if acc else 1.3, color="grey", linestyle=":", label="privacy floor")
-        ax.axvline(90, color="green", linestyle=":", label="90% of the gap")
-        ax.set_title(f"{name} (mean and 95% interval over seeds)")
-        ax.set_xlabel("gap closed by the plug-in (%)")
-        ax.set_ylabel(
-            "privacy margin (points)" if acc else "privacy margin (emulator fine-tuned / plug-in)"
-        )
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+
+    _panels(summary, path, draw, 90, " (mean and 95% interval over seeds)")
 
 
 def report(rows: list[dict], out: Path) -> None:

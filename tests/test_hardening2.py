@@ -288,6 +288,22 @@ def test_an_os_error_is_one_line_not_a_traceback(capsys):
     assert err.count("\n") == 0 and "No space left on device: /data/out" in err
 
 
+FINETUNE = ["finetune", "--bundle", "{bundle}", "--data", "{t}/d.txt", "--out", "{t}/o"]
+FEDERATE = [
+    "federate",
+    "--home",
+    "{home}",
+    "--name",
+    "f",
+    "--bundle",
+    "{bundle}",
+    "--members",
+    "alice",
+    "--rounds",
+    "1",
+]
+
+
 # 10. CLI values: one line and exit 2, never a traceback or a silent wrong answer
 @pytest.mark.parametrize(
     "which, argv, message",
@@ -301,74 +317,10 @@ def test_an_os_error_is_one_line_not_a_traceback(capsys):
             ["evaluate", "--model", "{t}/model", "--data", "{t}/d.txt", "--max-sequences", "-1"],
             "--max-sequences",
         ),
-        (
-            "owner",
-            [
-                "federate",
-                "--home",
-                "{home}",
-                "--name",
-                "f",
-                "--bundle",
-                "{bundle}",
-                "--members",
-                "alice",
-                "--rounds",
-                "1",
-                "--deadline",
-                "nan",
-            ],
-            "--deadline",
-        ),  # fmt: skip
-        (
-            "owner",
-            [
-                "federate",
-                "--home",
-                "{home}",
-                "--name",
-                "f",
-                "--bundle",
-                "{bundle}",
-                "--members",
-                "alice",
-                "--rounds",
-                "1",
-                "--poll",
-                "-1",
-            ],
-            "--poll",
-        ),  # fmt: skip
-        (
-            "data-owner",
-            [
-                "finetune",
-                "--bundle",
-                "{bundle}",
-                "--data",
-                "{t}/d.txt",
-                "--out",
-                "{t}/o",
-                "--seed",
-                str(10**23),
-            ],
-            "--seed",
-        ),  # fmt: skip
-        (
-            "data-owner",
-            [
-                "finetune",
-                "--bundle",
-                "{bundle}",
-                "--data",
-                "{t}/d.txt",
-                "--out",
-                "{t}/o",
-                "--dp-epsilon",
-                "inf",
-            ],
-            "--dp-epsilon",
-        ),  # fmt: skip
+        ("owner", [*FEDERATE, "--deadline", "nan"], "--deadline"),
+        ("owner", [*FEDERATE, "--poll", "-1"], "--poll"),  # fmt: skip
+        ("data-owner", [*FINETUNE, "--seed", str(10**23)], "--seed"),
+        ("data-owner", [*FINETUNE, "--dp-epsilon", "inf"], "--dp-epsilon"),
         (
             "data-owner",
             [
