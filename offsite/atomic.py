@@ -160,11 +160,17 @@ def check_apart(
                 )
 
 
-def check_free_space(out: str | os.PathLike, needed: int, what: str) -> None:
-    """Fail now when the file system `out` is to go on has less than `needed` bytes free."""
+def _existing_parent(out: str | os.PathLike) -> Path:
+    """The nearest folder above `out` that exists (where it would be created)."""
     parent = Path(out).resolve().parent
     while not parent.exists():
         parent = parent.parent
+    return parent
+
+
+def check_free_space(out: str | os.PathLike, needed: int, what: str) -> None:
+    """Fail now when the file system `out` is to go on has less than `needed` bytes free."""
+    parent = _existing_parent(out)
     free = shutil.disk_usage(parent).free
     if free < needed:
         raise OffsiteError(f"{out}: {what} needs about {needed / 2**20:.0f} MiB but {parent} has "
@@ -173,9 +179,7 @@ def check_free_space(out: str | os.PathLike, needed: int, what: str) -> None:
 
 def check_writable(out: str | os.PathLike) -> None:
     """Fail now, not after hours of work, when `out` cannot be created where it is to go."""
-    parent = Path(out).resolve().parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = _existing_parent(out)
     if not parent.is_dir():
         raise OffsiteError(f"{out}: {parent} is not a directory; choose another --out")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -21,15 +21,15 @@ def add_config(parser: argparse.ArgumentParser) -> None:
                         help="option values from a YAML file (keys are option names); flags given here override them")  # fmt: skip
 
 
-def _take_config(argv: list[str]) -> tuple[str | None, list[str]]:
+def _config_path(argv: list[str]) -> str | None:
     for i, token in enumerate(argv):
         if token == "--config":
             if i + 1 >= len(argv):
                 raise OffsiteError("--config needs a file")
-            return argv[i + 1], argv[:i] + argv[i + 2 :]
+            return argv[i + 1]
         if token.startswith("--config="):
-            return token.split("=", 1)[1], argv[:i] + argv[i + 1 :]
-    return None, argv
+            return token.split("=", 1)[1]
+    return None
 
 
 def _load(path: str) -> dict:
@@ -85,14 +85,13 @@ def _text(value) -> str:
 def expand_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """`argv` with the flags `--config FILE` holds placed before the others (`--config` itself stays:
     the file is an input the overlap check protects)."""
-    path, rest = _take_config(argv)
+    path = _config_path(argv)
     if path is None:
         return argv
-    rest = argv
     sub_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    at = next((i for i, t in enumerate(rest) if t in sub_action.choices), None)
+    at = next((i for i, t in enumerate(argv) if t in sub_action.choices), None)
     if at is None:
         raise OffsiteError(
             "--config goes after the command, e.g. `data-owner finetune --config run.yaml`"
         )
-    return rest[: at + 1] + _flags(path, _load(path), sub_action.choices[rest[at]]) + rest[at + 1 :]
+    return argv[: at + 1] + _flags(path, _load(path), sub_action.choices[argv[at]]) + argv[at + 1 :]

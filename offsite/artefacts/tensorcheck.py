@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -23,6 +24,20 @@ def dtype_name(dtype: torch.dtype) -> str:
 def spec_of(state: dict[str, torch.Tensor]) -> TensorSpec:
     """The (dtype, shape) of each tensor."""
     return {k: (dtype_name(v.dtype), tuple(v.shape)) for k, v in state.items()}
+
+
+def spec_bytes(spec: TensorSpec) -> int:
+    """Bytes the tensors of `spec` take (a dtype name torch does not know counts 2 bytes a value)."""
+    total = 0
+    for dtype, shape in spec.values():
+        torch_dtype = getattr(torch, dtype, None)
+        size = (
+            torch.empty(0, dtype=torch_dtype).element_size()
+            if isinstance(torch_dtype, torch.dtype)
+            else 2
+        )
+        total += math.prod(shape) * size
+    return total
 
 
 def all_finite(t: torch.Tensor) -> bool:

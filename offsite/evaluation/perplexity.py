@@ -71,13 +71,7 @@ def perplexity_on_file(
     on_batch: Callable[[int], None] | None = None,
 ) -> dict:
     """Perplexity on a .txt/.jsonl file (same tokenisation and packing as training)."""
-    for flag, value in (
-        ("--block-size", block_size),
-        ("--batch-size", batch_size),
-        ("--max-sequences", max_sequences or 1),
-    ):
-        if value < 1:
-            raise OffsiteError(f"{flag} must be >= 1 (got {value})")
+    check_eval_options(block_size, batch_size, max_sequences)
     data = load_data(path, tokenizer, block_size)
     if max_sequences is not None:
         data = TokenData(data.examples[:max_sequences], data.source, data.sha256, data.mode)

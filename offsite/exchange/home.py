@@ -6,7 +6,6 @@ home/ca.pem ca.key server.pem server.key signing.key signing.pub registry.sqlite
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from offsite.artefacts.signing import (
     public_pem,
     write_private_key,
 )
-from offsite.atomic import atomic_directory, sha256_file, write_bytes_atomic
+from offsite.atomic import atomic_directory, check_writable, sha256_file, write_bytes_atomic
 from offsite.emulator.package import PackageSpec, package
 from offsite.errors import OffsiteError
 from offsite.exchange.credentials import Credentials
@@ -161,10 +160,7 @@ def _check_new_file(out: Path) -> None:
         raise OffsiteError(
             f"{out}: no such directory {out.parent}; create it or choose another --out"
         )
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise OffsiteError(
-            f"{out}: cannot write into {out.parent} (permission denied); choose another --out"
-        )
+    check_writable(out)
 
 
 def listing(bundle: Bundle) -> list[dict]:

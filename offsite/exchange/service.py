@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import threading
@@ -17,8 +16,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from offsite.artefacts.adapter import (
     ADAPTER_MANIFEST,
@@ -31,7 +28,7 @@ from offsite.artefacts.bundle import Bundle, open_bundle
 from offsite.artefacts.manifest import is_safe_name
 from offsite.artefacts.peft_delta import verify_delta
 from offsite.artefacts.signing import load_public
-from offsite.artefacts.tensorcheck import TensorSpec
+from offsite.artefacts.tensorcheck import TensorSpec, spec_bytes
 from offsite.atomic import atomic_directory, sha256_file
 from offsite.errors import OffsiteError
 from offsite.exchange.federation import check_round_adapter
@@ -195,7 +192,7 @@ class OwnerService:
                 "an adapter upload must contain exactly "
                 + " or exactly ".join(", ".join(sorted(kind)) for kind in ADAPTER_FILES.values())
             )
-        limit = sum(_nbytes(d, s) for d, s in self._bundle(bundle_id)[1].values()) + (1 << 20)
+        limit = spec_bytes(self._bundle(bundle_id)[1]) + (1 << 20)
         for f in files:
             cap = limit if f["name"].endswith(".safetensors") else _MANIFEST_LIMIT
             if not 0 <= f["size"] <= cap or len(f["sha256"]) != 64:
@@ -445,14 +442,3 @@ class OwnerService:
 
 def _folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else 0
-
-
-def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    """Bytes a tensor of this dtype name (as in tensorcheck, e.g. 'float32') and shape takes."""
-    torch_dtype = getattr(torch, dtype, None)
-    size = (
-        torch.empty(0, dtype=torch_dtype).element_size()
-        if isinstance(torch_dtype, torch.dtype)
-        else 2
-    )
-    return math.prod(shape) * size

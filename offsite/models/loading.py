@@ -7,6 +7,7 @@ and loaded from there afterwards.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -134,12 +135,10 @@ def local_path(source: ModelSource) -> str:
 GGUF_DTYPE = torch.bfloat16  # what a GGUF source loads as unless a dtype is chosen
 
 
-_warned = False
-
-
-def _warn_once() -> None:
-    global _warned
-    _warned = True
+@functools.cache  # once per model spec and process
+def _warn_emulated_bf16(spec: str) -> None:
+    log.warning("%s loads as bfloat16, which this CPU emulates (slow); --dtype float32 computes "
+                "several times faster (bundles and merged models are then float32)", spec)  # fmt: skip
 
 
 def native_bf16() -> bool:
@@ -164,10 +163,8 @@ def load_model(spec: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
     path = local_path(source)
     if dtype is None and source.gguf_file is not None:
         dtype = GGUF_DTYPE
-        if not native_bf16() and not _warned:
-            _warn_once()
-            log.warning("%s loads as bfloat16, which this CPU emulates (slow); --dtype float32 computes "
-                        "several times faster (bundles and merged models are then float32)", spec)  # fmt: skip
+        if not native_bf16():
+            _warn_emulated_bf16(spec)
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as e:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from offsite.artefacts.adapter import (
 from offsite.artefacts.bundle import Bundle, check_bundle_model
 from offsite.artefacts.peft_delta import PeftOptions, attach, delta_state, full_config
 from offsite.artefacts.signing import Signer
+from offsite.artefacts.tensorcheck import spec_bytes
 from offsite.atomic import check_apart, check_free_space, check_output_dir, check_writable
 from offsite.errors import OffsiteError
 from offsite.models.architectures import get_blocks
@@ -219,7 +219,7 @@ def finetune_bundle(
                 {"--data": job.data})  # fmt: skip
     check_apart({"--checkpoint-dir": job.checkpoints}, {"--out": job.out})
     check_writable(job.out)
-    adapter_bytes = sum(_nbytes(d, shape) for d, shape in spec_from_bundle(bundle).values())
+    adapter_bytes = spec_bytes(spec_from_bundle(bundle))
     # the adapter, and with checkpoints its float32 master copy and two Adam moments as well
     check_free_space(
         job.out, adapter_bytes * (4 if cfg.save_every else 1) + (1 << 20), "the adapter"
@@ -252,7 +252,3 @@ def finetune_bundle(
     if not job.keep_checkpoints:
         remove_checkpoints(job.checkpoints)
     return adapter
-
-
-def _nbytes(dtype: str, shape) -> int:
-    return math.prod(shape) * torch.empty(0, dtype=getattr(torch, dtype)).element_size()
