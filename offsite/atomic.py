@@ -76,10 +76,10 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Refuse to clobber an existing non-empty output directory unless asked to."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise OffsiteError(f"{out}: exists and is not a directory; choose another --out")
+        raise OffsiteError(f"{out}: exists and is not a directory; choose another `out`")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise OffsiteError(
-            f"{out}: directory exists and is not empty; choose another --out or pass --overwrite"
+            f"{out}: directory exists and is not empty; choose another `out` or pass `overwrite`"
         )
     return out
 
@@ -139,7 +139,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def check_apart(
-    outputs: dict[str, str | os.PathLike | None],
+    outputs: dict[str, str | os.PathLike | None],  # by name: a field as `out`, or a flag
     input_dirs: dict[str, str | os.PathLike | None] | None = None,
     input_files: dict[str, str | os.PathLike | None] | None = None,
 ) -> None:
@@ -181,8 +181,8 @@ def check_writable(out: str | os.PathLike) -> None:
     """Fail now, not after hours of work, when `out` cannot be created where it is to go."""
     parent = _existing_parent(out)
     if not parent.is_dir():
-        raise OffsiteError(f"{out}: {parent} is not a directory; choose another --out")
+        raise OffsiteError(f"{out}: {parent} is not a directory; choose another `out`")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OffsiteError(
-            f"{out}: cannot write into {parent} (permission denied); choose another --out"
+            f"{out}: cannot write into {parent} (permission denied); choose another `out`"
         )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
 from offsite.artefacts.peft_delta import PEFT_METHODS, PeftOptions
-from offsite.errors import OffsiteError
+from offsite.errors import OffsiteError, spec_fields
+from offsite.recipes.perplexity import HeldOut
 from offsite.training.finetune import ADAPTER_LEARNING_RATE, FinetuneJob
 from offsite.training.loop import PRECISIONS, SCHEDULES, TrainConfig
 from offsite.training.privacy import ACCOUNTANTS, DEFAULT_DELTA, DPConfig
@@ -36,6 +38,16 @@ def add_dtype(p: argparse.ArgumentParser) -> None:
 
 def dtype_of(args: argparse.Namespace) -> torch.dtype | None:
     return DTYPES.get(args.dtype)
+
+
+def optional_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def held_out(args: argparse.Namespace) -> HeldOut:
+    """The held-out file the evaluation options describe (--data, --block-size, ...)."""
+    return HeldOut(Path(args.data), block_size=args.block_size, batch_size=args.batch_size,
+                   max_sequences=args.max_sequences)  # fmt: skip
 
 
 def add_eval(p: argparse.ArgumentParser) -> None:
@@ -163,8 +175,9 @@ def peft_options(args: argparse.Namespace) -> PeftOptions | None:
     """The PeftOptions the PEFT arguments describe, or None without --peft (validated)."""
     if args.peft is None:
         return None
-    return PeftOptions(args.peft, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                       targets=args.peft_targets, virtual_tokens=args.peft_virtual_tokens)  # fmt: skip
+    with spec_fields("peft"):
+        return PeftOptions(args.peft, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                           targets=args.peft_targets, virtual_tokens=args.peft_virtual_tokens)  # fmt: skip
 
 
 def _add_run(g, d: TrainConfig, overwrite: bool) -> None:
@@ -228,9 +241,10 @@ def _dp(args: argparse.Namespace) -> DPConfig | None:
             raise OffsiteError("--dp-delta needs --dp-epsilon")
         return None
     delta = args.dp_delta if args.dp_delta is not None else DEFAULT_DELTA
-    return DPConfig(
-        args.dp_epsilon, delta, max_grad_norm=args.max_grad_norm, accountant=args.dp_accountant
-    )
+    with spec_fields("dp"):
+        return DPConfig(
+            args.dp_epsilon, delta, max_grad_norm=args.max_grad_norm, accountant=args.dp_accountant
+        )
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:

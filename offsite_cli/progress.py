@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 from tqdm import tqdm
 
-from offsite.evaluation.perplexity import check_eval_options, perplexity_on_file
 from offsite.training.loop import StepInfo
 
 
@@ -47,19 +47,55 @@ class TrainingBar:
 
 
 def counting_bar(total: int | None, desc: str) -> tuple[Callable[[int], None], Callable[[], None]]:
-    """An (advance, close) pair around a tqdm bar of `total` items."""
-    bar = tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True, leave=False)
-    return bar.update, bar.close
+    """An (advance, close) pair around a tqdm bar of `total` items, shown from the first advance
+    (an error before it leaves stderr to the one-line message)."""
+    bar = None
+
+    def advance(n: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True, leave=False)
+        bar.update(n)
+
+    def close() -> None:
+        if bar is not None:
+            bar.close()
+
+    return advance, close
 
 
-def perplexity_with_bar(model, tokenizer, args) -> dict:
-    """Perplexity on --data with the --block-size/--batch-size/--max-sequences options, with a bar."""
-    check_eval_options(args.block_size, args.batch_size, args.max_sequences)
-    advance, close = counting_bar(args.max_sequences, "evaluating")
+@contextlib.contextmanager
+def training_bar(desc: str = "fine-tuning") -> Iterator[TrainingBar]:
+    """A TrainingBar closed however the training ends."""
+    bar = TrainingBar(desc)
     try:
-        return perplexity_on_file(
-            model, tokenizer, args.data, block_size=args.block_size, batch_size=args.batch_size,
-            max_sequences=args.max_sequences, on_batch=advance,
-        )  # fmt: skip
+        yield bar
     finally:
-        close()
+        bar.close()
+
+
+def bytes_bar(desc: str) -> tqdm:
+    return tqdm(desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
+
+
+class TransferBars:
+    """(on_total, on_bytes) callbacks that show a bytes bar once there is something to move."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
+        self.bar: tqdm | None = None
+
+    def on_total(self, total: int) -> None:
+        self.close()
+        self.bar = bytes_bar(self.desc)
+        self.bar.total = total
+
+    def on_bytes(self, n: int) -> None:
+        if self.bar is None:
+            self.bar = bytes_bar(self.desc)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from offsite.errors import OffsiteError
 from offsite_cli.config import add_config, expand_config
+from offsite_cli.flags import worded
 from offsite_cli.paths import check_outputs_apart
 
 EXIT_USAGE = 2
@@ -73,7 +74,7 @@ def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
         check_outputs_apart(args)  # every command, before it writes anything
         return int(func(args) or 0)
     except OffsiteError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {worded(e, args.command)}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # the machine, not the user: disk full, permissions, a vanished file
         where = f": {e.filename}" if e.filename else ""

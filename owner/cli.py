@@ -9,9 +9,9 @@ from offsite.emulator.layerwise import INPUTS, LayerwiseConfig
 from offsite.emulator.package import PackageSpec
 from offsite.emulator.recipe import EmulatorRecipe
 from offsite.emulator.selection import RULES
-from offsite.evaluation.recipe import EvaluateSpec
 from offsite.evaluation.specs import builtin_tasks
 from offsite.models.loading import DEFAULT_MODEL
+from offsite.recipes.evaluate import EvaluateSpec
 from offsite_cli.args import add_dtype, add_eval, add_peft, int_list
 from offsite_cli.runner import make_parser, run, subparsers
 from owner.commands import (

@@ -7,14 +7,12 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
-from offsite.exchange.home import OwnerHome
-from offsite.transport.server import serve as run_server
+from offsite.recipes.serve import serve as run_server
 
 
-def serve(
-    home: OwnerHome, listen: str, *, insecure: bool = False, chunk_bytes: int = 1 << 20
-) -> None:
+def serve(home: Path, listen: str, *, insecure: bool = False, chunk_bytes: int = 1 << 20) -> None:
     """Serve until interrupted; prints one JSON line with the bound address first."""
     logging.getLogger("offsite").setLevel(logging.INFO)  # one log line per request, with the caller
     if insecure:

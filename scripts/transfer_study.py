@@ -223,6 +223,7 @@ def main() -> None:
         sample, examples=sample.examples[64:80]
     )  # not the sequences layer-wise fits on
     ceilings = _Ceilings(out / "ceilings.json")
+    done = _done(out)
     rows = []
     for spec in a.recipes:
         emulator, plan, record, seconds = build(full, tok, spec)
@@ -231,25 +232,53 @@ def main() -> None:
             f"[{spec}] built in {seconds:.0f}s, kept {list(plan.kept)}, transfer {score}",
             flush=True,
         )
-        for seed in seeds:
-            tasks = tasks_for(a.task or ["shakespeare"], a.data_root, a.block_size, a.eval_limit, a.train_limit, seed)  # fmt: skip
-            cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate, warmup_steps=2,
-                              save_every=0, seed=seed, mixed_precision=a.mixed_precision)  # fmt: skip
-            for task in tasks:
-                key = f"{task.name}|seed={seed}|steps={a.steps}|bs={a.batch_size}|block={a.block_size}|lr={a.full_learning_rate}|mp={a.mixed_precision}|n={a.eval_limit}"  # fmt: skip
+        # task-major, so a run stopped part-way has whole tasks (every seed) rather than one seed of each
+        for name in a.task or ["shakespeare"]:
+            for seed in seeds:
+                budget = f"steps={a.steps}|bs={a.batch_size}|block={a.block_size}|lr={a.full_learning_rate}|mp={a.mixed_precision}|n={a.eval_limit}"  # fmt: skip
+                if (spec, name, seed, budget) in done:
+                    print(
+                        f"[{spec}] {name} seed {seed}: in {out / 'rows.jsonl'} already", flush=True
+                    )
+                    continue
+                (task,) = tasks_for(
+                    [name], a.data_root, a.block_size, a.eval_limit, a.train_limit, seed
+                )
+                cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate, warmup_steps=2,
+                                  save_every=0, seed=seed, mixed_precision=a.mixed_precision)  # fmt: skip
+                key = f"{task.name}|seed={seed}|{budget}"
                 t0 = time.perf_counter()
                 r = evaluate_offsite(full, tok, plan, emulator, task, cfg, full_learning_rate=a.full_learning_rate,
                                      ceiling=ceilings.get(key))  # fmt: skip
                 ceilings.put(key, r["full_finetuned"])
-                row = {"recipe": spec, "seed": seed, "build_s": round(seconds, 1), "run_s": round(time.perf_counter() - t0, 1),
-                       "batch_size": a.batch_size, "block_size": a.block_size, "mixed_precision": a.mixed_precision, "transfer": score,
-                       "kept": list(plan.kept), "adapter": list(plan.adapter), "record": record,
+                row = {"recipe": spec, "task_arg": name, "seed": seed, "budget": budget, "build_s": round(seconds, 1),
+                       "run_s": round(time.perf_counter() - t0, 1), "batch_size": a.batch_size, "block_size": a.block_size,
+                       "mixed_precision": a.mixed_precision, "transfer": score, "kept": list(plan.kept),
+                       "adapter": list(plan.adapter), "record": record,
                        **{k: v for k, v in r.items() if k != "curves"}}  # fmt: skip
                 rows.append(row)
                 with (out / "rows.jsonl").open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(table([row]).splitlines()[-1], flush=True)
-    report(rows, out)
+    report(_earlier_rows(out) if done else rows, out)
+
+
+def _done(out: Path) -> set[tuple]:
+    """(recipe, task, seed, budget) of the rows an earlier run into `out` measured: a rerun skips them."""
+    return {
+        (r["recipe"], r["task_arg"], r["seed"], r["budget"])
+        for r in _earlier_rows(out)
+        if "budget" in r
+    }
+
+
+def _earlier_rows(out: Path) -> list[dict]:
+    f = out / "rows.jsonl"
+    return (
+        [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        if f.exists()
+        else []
+    )
 
 
 class _Ceilings:

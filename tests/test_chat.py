@@ -67,7 +67,7 @@ def test_a_conversation_cut_by_the_block_keeps_what_fits(chat_tokenizer, tmp_pat
     assert len(cut.input_ids) == n - 3 and _answers(chat_tokenizer, cut).startswith(
         "or not</s>\nthe"
     )
-    with pytest.raises(OffsiteError, match="cut off by --block-size 3"):
+    with pytest.raises(OffsiteError, match="cut off by `block_size` 3"):
         load_data(_write(tmp_path / "d.jsonl", TALK[:1]), chat_tokenizer, 3)
 
 

@@ -37,7 +37,7 @@ def test_documents_start_where_the_tokenizer_starts_them(tokenizer):
     [("documents", 0), ("tokens", 0), ("temperature", 0.0), ("top_k", -1), ("top_p", 1.5)],
 )
 def test_bad_sampling_options(field, value):
-    with pytest.raises(OffsiteError, match=field.replace("_", "-")):
+    with pytest.raises(OffsiteError, match=f"`{field}`"):
         SampleConfig(**{field: value})
 
 

@@ -313,6 +313,7 @@ def test_an_interrupted_join_round_resumes_with_resume(fed, monkeypatch, capsys)
     """Issue 24: `join` took --resume and --checkpoint-dir and dropped them, so a round interrupted
     after a checkpoint could never be continued. Now the round's own checkpoint carries on."""
     import data_owner.cli as cli
+    from offsite_cli import progress
     from offsite_cli.progress import TrainingBar
 
     home, creds, _, root = fed
@@ -330,10 +331,10 @@ def test_an_interrupted_join_round_resumes_with_resume(fed, monkeypatch, capsys)
                 "--data", str(root / "d.txt"), "--work", str(root / "w"), "--poll", "0.1", "--wait", "5",
                 "--max-steps", "6", "--save-every", "2", "--block-size", "16", "--batch-size", "2",
                 "--val-fraction", "0", "--checkpoint-dir", str(root / "ck")]  # fmt: skip
-        monkeypatch.setattr(cli, "TrainingBar", Crash)
+        monkeypatch.setattr(progress, "TrainingBar", Crash)
         assert cli.main(argv) == 130
         assert (root / "ck" / "round-0").is_dir() and not (root / "w" / "round-0").exists()
-        monkeypatch.setattr(cli, "TrainingBar", TrainingBar)
+        monkeypatch.setattr(progress, "TrainingBar", TrainingBar)
         expect_error(capsys, cli.main, argv, "pass --resume")
         assert cli.main([*argv, "--resume"]) == 0
     training = open_adapter(root / "w" / "round-0").manifest["training"]

@@ -232,7 +232,7 @@ def test_bad_peft_options_get_one_line_errors(tokenizer, tmp_path, capsys):
     expect_error(
         capsys, data_owner, [*base, "--peft", "bitfit"], "have no bias parameters", tmp_path / "a"
     )
-    with pytest.raises(OffsiteError, match="--peft 'adapterdrop' unknown"):
+    with pytest.raises(OffsiteError, match="`method` 'adapterdrop' unknown"):
         PeftOptions("adapterdrop")
 
 

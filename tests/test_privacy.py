@@ -169,5 +169,5 @@ def test_bad_dp_options_get_one_line_errors(flow, capsys):
         "without --grad-accum",
         flow / "a",
     )
-    with pytest.raises(OffsiteError, match="--dp-accountant"):
+    with pytest.raises(OffsiteError, match="`accountant`"):
         DPConfig(8.0, 1e-5, accountant="moments")

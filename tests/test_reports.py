@@ -55,12 +55,21 @@ def test_transfer_study_writes_rows_table_and_frontier(tmp_path, monkeypatch):
         for r in rows
     )
     assert (tmp_path / "t" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same run again measures nothing twice: it resumes, a second seed is the only new row
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        argv[:-4] + ["--seeds", "3", "4", "--recipes", "drop", "--out", str(tmp_path / "t")],
+    )
+    transfer_study.main()
+    again = [json.loads(line) for line in (tmp_path / "t" / "rows.jsonl").read_text().splitlines()]
+    assert again[:2] == rows and [(r["recipe"], r["seed"]) for r in again[2:]] == [("drop", 4)]
     # earlier runs' rows, tabled and plotted together with nothing built
     rows_file = str(tmp_path / "t" / "rows.jsonl")
     argv = ["transfer_study", "--from-rows", rows_file, rows_file, "--out", str(tmp_path / "again")]
     monkeypatch.setattr(sys, "argv", argv)
     transfer_study.main()
-    assert (tmp_path / "again" / "table.md").read_text().count("\n") == 2 + 2 * len(rows)
+    assert (tmp_path / "again" / "table.md").read_text().count("\n") == 2 + 2 * len(again)
     assert (tmp_path / "again" / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a missing rows file: one line, exit 2, nothing written
     argv = [

@@ -97,7 +97,7 @@ def test_bad_specs_name_the_file_and_field(tmp_path, body, message):
 
 def test_missing_data_and_labels_are_clear(tmp_path):
     spec = _spec(tmp_path, "kind: choice\ntrain: {file: gone.txt, format: label_sentence}\nprompt: '{sentence}'\nverbalizer: {'0': no}\n")  # fmt: skip
-    with pytest.raises(OffsiteError, match="gone.txt not found; pass --data-root"):
+    with pytest.raises(OffsiteError, match="gone.txt not found; pass `data_root`"):
         records(spec, tmp_path)
     (tmp_path / "gone.txt").write_text("")
     with pytest.raises(OffsiteError, match="gone.txt: data file is empty"):

@@ -51,7 +51,7 @@ def test_resume_after_a_crash_continues_from_the_checkpoint(bundle, tmp_path, co
     state = (tmp_path / "a.ckpt" / "latest" / "state.json").read_text()
     assert '"step": 4' in state
 
-    with pytest.raises(OffsiteError, match="a checkpoint exists; pass --resume"):
+    with pytest.raises(OffsiteError, match="a checkpoint exists; pass `resume`"):
         finetune_bundle(bundle, job, CFG)
     steps_seen = []
     resumed = finetune_bundle(
@@ -96,8 +96,8 @@ def test_too_little_data_for_one_step_is_a_clear_error(bundle, tmp_path, corpus_
         finetune_bundle(bundle, FinetuneJob(corpus_file, tmp_path / "a", block_size=16), cfg)
 
 
-@pytest.mark.parametrize("kwargs, message", [({"batch_size": 0}, "--batch-size"), ({"lr_scheduler": "x"}, "--lr-scheduler"),
-                                             ({"mixed_precision": "fp8"}, "--mixed-precision"), ({"max_steps": 0}, "--max-steps")])  # fmt: skip
+@pytest.mark.parametrize("kwargs, message", [({"batch_size": 0}, "`batch_size`"), ({"lr_scheduler": "x"}, "`lr_scheduler`"),
+                                             ({"mixed_precision": "fp8"}, "`mixed_precision`"), ({"max_steps": 0}, "`max_steps`")])  # fmt: skip
 def test_invalid_training_config(kwargs, message):
     with pytest.raises(OffsiteError, match=message):
         TrainConfig(**kwargs)

@@ -92,7 +92,7 @@ def check_origin(adapter: Adapter, bundle: Bundle, model_type: str, fingerprint:
             raise VerificationError(
                 f"{where}: the {name} was made for base model {value[:19]}…, not this one "
                 f"({fingerprint[:19]}…); merge it into the model its bundle was made from, loaded in the "
-                "same dtype (--dtype)"
+                "same dtype (`dtype`)"
             )
     if m["block_prefix"] != block_prefix(model_type):
         raise VerificationError(
@@ -129,8 +129,8 @@ class MergeSpec:
     def __post_init__(self) -> None:
         if self.signer_key is None and not self.allow_unsigned:
             raise OffsiteError(
-                f"{self.adapter}: no key to check the adapter's signature with; pass --home (the "
-                "registry knows each data owner's key) or --signer-key FILE, or --allow-unsigned"
+                f"{self.adapter}: no key to check the adapter's signature with; pass `home` (the "
+                "registry knows each data owner's key) or `signer_key` FILE, or `allow_unsigned`"
             )
 
 
@@ -142,12 +142,12 @@ def merge(spec: MergeSpec) -> dict:
     check_output_dir(spec.out, spec.overwrite)
     model_dir = spec.model if Path(spec.model).exists() else None
     check_apart(
-        {"--out": spec.out},
-        {"--adapter": spec.adapter, "--bundle": spec.bundle, "--model": model_dir},
+        {"`out`": spec.out},
+        {"`adapter`": spec.adapter, "`bundle`": spec.bundle, "`model`": model_dir},
     )
     # the bundle's manifest is all a merge reads of it: the emulator's weights are not hashed
     adapter, bundle = open_adapter(spec.adapter), open_bundle(spec.bundle, weights=False)
-    signature = "not checked (--allow-unsigned)"
+    signature = "not checked (allow_unsigned)"
     if spec.signer_key is not None:
         signer = adapter.verify_signature(spec.signer_key)
         signature = f"verified: signed by {signer!r} with the key the owner holds for it"
@@ -251,7 +251,7 @@ def _record(adapter: Adapter, bundle: Bundle, spec: MergeSpec, fingerprint: str,
             )
     if spec.signer_revoked_at:
         record["signer_revoked_at"] = spec.signer_revoked_at
-        record["verified"]["signer_standing"] = "revoked; merged knowingly (--allow-revoked)"
+        record["verified"]["signer_standing"] = "revoked; merged knowingly (allow_revoked)"
     if adapter.trained != "all":
         record["trained"] = adapter.trained
     dp = (adapter.manifest.get("training") or {}).get("differential_privacy")

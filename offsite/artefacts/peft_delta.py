@@ -73,7 +73,7 @@ class PeftOptions:
     def __post_init__(self) -> None:
         if self.method not in PEFT_METHODS:
             raise OffsiteError(
-                f"--peft {self.method!r} unknown; choose one of {', '.join(PEFT_METHODS)}"
+                f"`method` {self.method!r} unknown; choose one of {', '.join(PEFT_METHODS)}"
             )
         numbers = (self.rank, self.alpha, self.dropout, self.virtual_tokens)
         if any(
@@ -81,22 +81,22 @@ class PeftOptions:
             for v in numbers
         ):
             raise OffsiteError(
-                "--lora-rank, --lora-alpha, --lora-dropout and --peft-virtual-tokens must be finite numbers"
+                "`rank`, `alpha`, `dropout` and `virtual_tokens` must be finite numbers"
             )
         if not isinstance(self.rank, int) or not isinstance(self.virtual_tokens, int):
-            raise OffsiteError("--lora-rank and --peft-virtual-tokens must be whole numbers")
+            raise OffsiteError("`rank` and `virtual_tokens` must be whole numbers")
         if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1 or self.virtual_tokens < 1:
             raise OffsiteError(
-                "--lora-rank and --peft-virtual-tokens must be >= 1, --lora-alpha > 0, --lora-dropout in [0, 1)"
+                "`rank` and `virtual_tokens` must be >= 1, `alpha` > 0, `dropout` in [0, 1)"
             )
         if not 0 < self.alpha / self.rank <= MAX_LORA_SCALE:
             raise OffsiteError(
-                f"--lora-alpha / --lora-rank must be in (0, {MAX_LORA_SCALE:g}] (got {self.alpha}/{self.rank})"
+                f"`alpha` / `rank` must be in (0, {MAX_LORA_SCALE:g}] (got {self.alpha}/{self.rank})"
             )
         bad = [t for t in self.targets if not isinstance(t, str) or not _NAME.match(t)]
         if bad:
             raise OffsiteError(
-                f"--peft-targets {bad[0]!r} is not a module name (like q_proj or mlp.c_proj)"
+                f"`targets` {bad[0]!r} is not a module name (like q_proj or mlp.c_proj)"
             )
 
     def resolved(self, model_type: str) -> PeftOptions:
@@ -127,7 +127,7 @@ def peft_config(options: PeftOptions, model_type: str, layers: list[int]) -> Pef
     """peft's config for `options` confined to the blocks `layers` of a `model_type` model."""
     spec = arch_spec(model_type)
     if options.method == "bitfit":
-        raise OffsiteError("--peft bitfit trains the adapter blocks' biases; it has no peft config")
+        raise OffsiteError("`peft` bitfit trains the adapter blocks' biases; it has no peft config")
     if options.method == "prompt":
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=options.virtual_tokens)
     targets = _pattern(spec.blocks, layers, options.resolved(model_type).targets)
@@ -154,7 +154,7 @@ def attach(model: PreTrainedModel, options: PeftOptions, layers: list[int]):
     try:
         return _wrap(model, peft_config(options, model.config.model_type, layers))
     except ValueError as e:  # e.g. no target module matched
-        raise OffsiteError(f"--peft {options.method}: {str(e).splitlines()[0]}") from None
+        raise OffsiteError(f"`peft` {options.method}: {str(e).splitlines()[0]}") from None
 
 
 def delta_state(peft_model, bundle: Bundle) -> dict[str, torch.Tensor]:

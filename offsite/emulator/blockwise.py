@@ -191,7 +191,7 @@ def distill_layerwise_blockwise(
     need a span's blocks (or the whole model) at once, and are refused."""
     if cfg.noise or cfg.grad_weight:
         raise OffsiteError(
-            "--stream: layer-wise noise and gradient matching need the whole model in memory"
+            "`stream`: layer-wise noise and gradient matching need the whole model in memory"
         )
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -17,7 +17,7 @@ from offsite.models.architectures import block_matmuls
 def prune_magnitude(model: nn.Module, positions: list[int], sparsity: float) -> None:
     """Zero the `sparsity` share of smallest-magnitude weights in each matmul of those blocks."""
     if not 0.0 <= sparsity < 1.0:
-        raise OffsiteError(f"--prune {sparsity} must be in [0, 1)")
+        raise OffsiteError(f"`prune` {sparsity} must be in [0, 1)")
     for module, _ in block_matmuls(model, positions):
         w = module.weight
         k = int(w.numel() * sparsity)
@@ -30,7 +30,7 @@ def prune_magnitude(model: nn.Module, positions: list[int], sparsity: float) -> 
 def quantize_weights(model: nn.Module, positions: list[int], bits: int) -> None:
     """Round each matmul weight of those blocks to `bits`-bit symmetric integers per output."""
     if not 2 <= bits <= 16:
-        raise OffsiteError(f"--quantize-bits {bits} must be between 2 and 16")
+        raise OffsiteError(f"`quantize_bits` {bits} must be between 2 and 16")
     levels = 2 ** (bits - 1) - 1
     for module, out_axis in block_matmuls(model, positions):
         w = module.weight

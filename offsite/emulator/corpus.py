@@ -34,18 +34,18 @@ class SampleConfig:
     def __post_init__(self) -> None:
         for name in ("documents", "tokens", "batch_size"):
             if getattr(self, name) < 1:
-                raise OffsiteError(f"--{name.replace('_', '-')} must be >= 1")
+                raise OffsiteError(f"`{name}` must be >= 1")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise OffsiteError(
-                f"--temperature must be a finite number > 0 (got {self.temperature})"
+                f"`temperature` must be a finite number > 0 (got {self.temperature})"
             )
         if self.top_k < 0:
-            raise OffsiteError("--top-k must be >= 0 (0: no top-k cut)")
+            raise OffsiteError("`top_k` must be >= 0 (0: no top-k cut)")
         if not 0 < self.top_p <= 1:
-            raise OffsiteError("--top-p must be in (0, 1]")
+            raise OffsiteError("`top_p` must be in (0, 1]")
         if not 0 <= self.seed < 2**63:
             raise OffsiteError(
-                f"--seed must be a whole number from 0 to 2**63 - 1 (got {self.seed})"
+                f"`seed` must be a whole number from 0 to 2**63 - 1 (got {self.seed})"
             )
 
 
@@ -100,6 +100,6 @@ def write_corpus(path: str | Path, docs: list[str]) -> Path:
     """Documents separated by blank lines, written atomically."""
     path = Path(path)
     if not docs:
-        raise OffsiteError(f"{path}: no text was sampled; raise --tokens or --documents")
+        raise OffsiteError(f"{path}: no text was sampled; raise `tokens` or `documents`")
     write_bytes_atomic(path, ("\n\n".join(docs) + "\n").encode())
     return path

@@ -66,19 +66,19 @@ class LayerwiseConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.max_sequences < 1:
-            raise OffsiteError("--layerwise-steps, batch size and sequences must be at least 1")
+            raise OffsiteError("`steps`, `batch_size` and `max_sequences` must be at least 1")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise OffsiteError(
-                f"--layerwise-lr must be a positive number (got {self.learning_rate})"
+                f"`learning_rate` must be a positive number (got {self.learning_rate})"
             )
         if self.inputs not in INPUTS:
             raise OffsiteError(
-                f"--layerwise-inputs {self.inputs!r} unknown; choose one of {', '.join(INPUTS)}"
+                f"`inputs` {self.inputs!r} unknown; choose one of {', '.join(INPUTS)}"
             )
         if not (math.isfinite(self.noise) and self.noise >= 0):
-            raise OffsiteError(f"--layerwise-noise must be >= 0 (got {self.noise})")
+            raise OffsiteError(f"`noise` must be >= 0 (got {self.noise})")
         if not (math.isfinite(self.grad_weight) and self.grad_weight >= 0):
-            raise OffsiteError(f"--layerwise-grad-weight must be >= 0 (got {self.grad_weight})")
+            raise OffsiteError(f"`grad_weight` must be >= 0 (got {self.grad_weight})")
 
 
 def spans(plan: SplitPlan) -> list[tuple[int, int, int]]:

@@ -29,8 +29,8 @@ def package(
     check_output_dir(spec.out, spec.overwrite)  # fail before loading and distilling, not after
     model_dir = spec.model if Path(spec.model).exists() else None
     r = spec.recipe
-    check_apart({"--out": spec.out, "--checkpoint-dir": r.checkpoint_dir}, {"--model": model_dir},
-                {"--selection-data": r.selection_data, "--distill-data": r.distill_data})  # fmt: skip
+    check_apart({"`out`": spec.out, "`checkpoint_dir`": r.checkpoint_dir}, {"`model`": model_dir},
+                {"`selection_data`": r.selection_data, "`distill_data`": r.distill_data})  # fmt: skip
     if spec.stream:
         return package_streaming(spec, signer=signer, extra=extra)
     model = load_model(spec.model, dtype=spec.dtype)

@@ -36,7 +36,7 @@ class SplitPlan:
             )
         if not self.adapter:
             raise OffsiteError(
-                "the adapter has no blocks; set --adapter-bottom/--adapter-top or --adapter-blocks"
+                "the adapter has no blocks; set `adapter_bottom`/`adapter_top` or `adapter_blocks`"
             )
         if sorted(self.adapter) != list(self.adapter) or sorted(self.kept) != list(self.kept):
             raise OffsiteError("block indices must be sorted ascending")
@@ -70,7 +70,7 @@ def uniform_indices(n: int, k: int) -> list[int]:
 def adapter_indices(num_layers: int, bottom: int, top: int) -> tuple[int, ...]:
     """The bottom `bottom` and top `top` blocks."""
     if bottom < 0 or top < 0:
-        raise OffsiteError("--adapter-bottom and --adapter-top must be >= 0")
+        raise OffsiteError("`adapter_bottom` and `adapter_top` must be >= 0")
     if bottom + top >= num_layers:
         raise OffsiteError(
             f"adapter of {bottom} bottom + {top} top blocks leaves no middle in a {num_layers}-block model"
@@ -98,18 +98,18 @@ def make_plan(
         raise OffsiteError("the adapter covers every block; leave some blocks for the emulator")
     chosen = [x is not None for x in (emulator_layers, drop_ratio, kept_blocks)]
     if sum(chosen) > 1:
-        raise OffsiteError("give at most one of --emulator-layers, --drop-ratio, --emulator-blocks")
+        raise OffsiteError("give at most one of `emulator_layers`, `drop_ratio`, `emulator_blocks`")
     if kept_blocks is not None:
         return SplitPlan(num_layers, adapter, tuple(sorted(kept_blocks)), STRATEGY_EXPLICIT)
     if drop_ratio is not None:
         if not 0.0 <= drop_ratio < 1.0:
-            raise OffsiteError(f"--drop-ratio {drop_ratio} must be in [0, 1)")
+            raise OffsiteError(f"`drop_ratio` {drop_ratio} must be in [0, 1)")
         emulator_layers = max(1, round(len(middle) * (1.0 - drop_ratio)))
     if emulator_layers is None:
         emulator_layers = max(1, len(middle) // 2)
     if not 1 <= emulator_layers <= len(middle):
         raise OffsiteError(
-            f"--emulator-layers {emulator_layers} is not possible: the middle has {len(middle)} blocks "
+            f"`emulator_layers` {emulator_layers} is not possible: the middle has {len(middle)} blocks "
             f"(model {num_layers} minus {len(adapter)} adapter blocks); choose 1..{len(middle)}"
         )
     kept = tuple(middle[j] for j in uniform_indices(len(middle), emulator_layers))

@@ -47,15 +47,15 @@ class EmulatorRecipe:
     def __post_init__(self) -> None:
         if self.selection not in STRATEGIES:
             raise OffsiteError(
-                f"--selection {self.selection!r} unknown; choose one of {', '.join(STRATEGIES)}"
+                f"`selection` {self.selection!r} unknown; choose one of {', '.join(STRATEGIES)}"
             )
         if self.distill_weight < 0:
-            raise OffsiteError("--distill-weight must be >= 0")
+            raise OffsiteError("`distill_weight` must be >= 0")
         if not 0.0 <= self.prune < 1.0:
-            raise OffsiteError(f"--prune {self.prune} must be in [0, 1)")
+            raise OffsiteError(f"`prune` {self.prune} must be in [0, 1)")
         if self.quantize_bits is not None and not 2 <= self.quantize_bits <= 16:
             raise OffsiteError(
-                f"--quantize-bits {self.quantize_bits} must be between 2 and 16 (leave it out for no quantization)"
+                f"`quantize_bits` {self.quantize_bits} must be between 2 and 16 (leave it out for no quantization)"
             )
 
 

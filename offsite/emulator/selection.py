@@ -125,13 +125,13 @@ def select_plan(plan: SplitPlan, strategy: str, stats: BlockStats | None) -> Spl
     """Re-choose `plan.kept` (same size) with `strategy`; uniform and explicit need no statistics."""
     if strategy not in STRATEGIES:
         raise OffsiteError(
-            f"--selection {strategy!r} unknown; choose one of {', '.join(STRATEGIES)}"
+            f"`selection` {strategy!r} unknown; choose one of {', '.join(STRATEGIES)}"
         )
     if strategy in ("uniform", "explicit"):
         return plan
     if stats is None:
         raise OffsiteError(
-            f"--selection {strategy} needs sample text to measure blocks on (--selection-data)"
+            f"`selection` {strategy} needs sample text to measure blocks on (`selection_data`)"
         )
     middle, k = list(plan.middle), len(plan.kept)
     pick = keep_least_redundant if strategy == "redundancy" else keep_cluster_representatives

@@ -51,14 +51,14 @@ def why_not_streamed(spec: PackageSpec, source: Path) -> str | None:
     """Why this spec cannot be packaged from the files alone, or None."""
     r = spec.recipe
     lw = r.layerwise
-    needs = [("--selection similarity (it compares every block's outputs at once)", r.selection == "similarity"),
+    needs = [("`selection` similarity (it compares every block's outputs at once)", r.selection == "similarity"),
              ("layer-wise noise or gradient matching", lw is not None and bool(lw.noise or lw.grad_weight)),
-             ("--distill-data", r.distill_data is not None), ("--prune", bool(r.prune)),
-             ("--quantize-bits", r.quantize_bits is not None)]  # fmt: skip
+             ("`distill_data`", r.distill_data is not None), ("`prune`", bool(r.prune)),
+             ("`quantize_bits`", r.quantize_bits is not None)]  # fmt: skip
     if not is_sharded_dir(source):
-        return f"--model {spec.model} is not a directory of safetensors files"
+        return f"`model` {spec.model} is not a directory of safetensors files"
     if spec.dtype is not None:
-        return "--dtype converts the weights, which needs them loaded"
+        return "`dtype` converts the weights, which needs them loaded"
     for name, needed in needs:
         if needed:
             return f"{name} runs the full model, which needs it in memory"
@@ -73,13 +73,13 @@ def package_streaming(
     resolved = resolve_model(spec.model)
     if resolved.gguf_file is not None:
         raise OffsiteError(
-            f"--stream: {resolved.gguf_file} is a GGUF file, dequantised to bfloat16 when loaded; "
-            "package without --stream"
+            f"`stream`: {resolved.gguf_file} is a GGUF file, dequantised to bfloat16 when loaded; "
+            "package without `stream`"
         )
     source = Path(local_path(resolved))
     why = why_not_streamed(spec, source)
     if why is not None:
-        raise OffsiteError(f"--stream: {why}; package without --stream")
+        raise OffsiteError(f"`stream`: {why}; package without `stream`")
     model = meta_model(source)
     plan = spec.plan(num_blocks(model.config))
     check_plan_fits(model, plan)

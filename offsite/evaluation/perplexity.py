@@ -51,9 +51,9 @@ def perplexity(
 def check_eval_options(block_size: int, batch_size: int, max_sequences: int | None) -> None:
     """Refuse sizes below 1 (a count of 0 sequences would report perplexity 1.0)."""
     sizes = (
-        ("--block-size", block_size),
-        ("--batch-size", batch_size),
-        ("--max-sequences", max_sequences),
+        ("`block_size`", block_size),
+        ("`batch_size`", batch_size),
+        ("`max_sequences`", max_sequences),
     )
     for flag, value in sizes:
         if value is not None and value < 1:

@@ -258,7 +258,7 @@ def resolve(ref: FileRef, data_root: Path, spec: TaskSpec) -> Path:
     """The file a spec names: absolute as given, relative to the data root otherwise."""
     path = Path(ref.file) if Path(ref.file).is_absolute() else data_root / ref.file
     if not path.is_file():
-        raise OffsiteError(f"{spec.source}: data file {path} not found; pass --data-root DIR (the folder holding {ref.file})")  # fmt: skip
+        raise OffsiteError(f"{spec.source}: data file {path} not found; pass `data_root` DIR (the folder holding {ref.file})")  # fmt: skip
     return path
 
 

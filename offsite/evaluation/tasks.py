@@ -139,4 +139,4 @@ def load_task_files(train: Path, test: Path, block_size: int, eval_sequences: in
     """An ad-hoc task from two files: text (perplexity) or .jsonl prompt/completion."""
     if Path(train).suffix.lower() == ".txt" and Path(test).suffix.lower() == ".txt":
         return PerplexityTask.from_files(train, test, block_size, eval_sequences)
-    raise OffsiteError(f"{train}, {test}: --train/--test take .txt files; describe other tasks with a spec (--task)")  # fmt: skip
+    raise OffsiteError(f"{train}, {test}: `train_file`/`test_file` take .txt files; describe other tasks with a spec (`tasks`)")  # fmt: skip

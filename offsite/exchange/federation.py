@@ -58,18 +58,18 @@ class FederationSpec:
     def __post_init__(self) -> None:
         check_name(self.name)
         if not self.members or len(set(self.members)) != len(self.members):
-            raise OffsiteError("--members: name each enrolled data owner once")
+            raise OffsiteError("`members`: name each enrolled data owner once")
         if self.rounds < 1 or not 0 <= self.quorum <= len(self.members):
             raise OffsiteError(
-                "--rounds must be >= 1 and --quorum between 1 and the number of members"
+                "`rounds` must be >= 1 and `quorum` between 1 and the number of members"
             )
         if not (math.isfinite(self.deadline_s) and self.deadline_s > 0):
             raise OffsiteError(
-                f"--deadline must be a positive number of seconds (got {self.deadline_s})"
+                f"`deadline_s` must be a positive number of seconds (got {self.deadline_s})"
             )
         if not (math.isfinite(self.max_weight_ratio) and self.max_weight_ratio >= 1):
             raise OffsiteError(
-                f"--max-weight-ratio must be a number >= 1 (got {self.max_weight_ratio})"
+                f"`max_weight_ratio` must be a number >= 1 (got {self.max_weight_ratio})"
             )
 
     @property
@@ -148,7 +148,7 @@ def federate(home: OwnerHome, spec: FederationSpec, *, poll_s: float = 5.0, once
     """`owner federate`: start (or resume) the federation and advance it until it is finished
     (`once`: a single step); returns where it stands."""
     if not (math.isfinite(poll_s) and poll_s > 0):
-        raise OffsiteError(f"--poll must be a positive number of seconds (got {poll_s})")
+        raise OffsiteError(f"`poll_s` must be a positive number of seconds (got {poll_s})")
     start(home, spec)
     while True:
         status = advance(home, spec.name)

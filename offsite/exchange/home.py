@@ -69,10 +69,10 @@ def init_home(root: str | Path, server_names: list[str]) -> OwnerHome:
     """Create a CA, a server certificate, an Ed25519 signing key and an empty registry."""
     root = Path(root).resolve()  # the registry stores absolute paths: valid from any directory
     if (root / "registry.sqlite").exists() or (root / "ca.pem").exists():
-        raise OffsiteError(f"{root}: already an owner home; use another --home")
+        raise OffsiteError(f"{root}: already an owner home; use another `home`")
     if root.is_dir() and any(root.iterdir()) or root.exists() and not root.is_dir():
         raise OffsiteError(
-            f"{root}: exists and is not an empty folder; a new home needs a new or empty --home"
+            f"{root}: exists and is not an empty folder; a new home needs a new or empty `home`"
         )
     try:
         with atomic_directory(
@@ -81,7 +81,7 @@ def init_home(root: str | Path, server_names: list[str]) -> OwnerHome:
             _write_home(tmp, server_names)
     except OSError as e:
         raise OffsiteError(
-            f"--home {root}: cannot create it ({e.strerror}); choose another place"
+            f"`home` {root}: cannot create it ({e.strerror}); choose another place"
         ) from None
     return OwnerHome(root)
 
@@ -108,14 +108,14 @@ def open_home(root: str | Path) -> OwnerHome:
     for name in ("ca.pem", "ca.key", "server.pem", "server.key", "signing.key", "registry.sqlite"):
         if not (root / name).is_file():
             raise OffsiteError(
-                f"{root}: not an owner home ({name} missing); create one with `owner init --home {root}`"
+                f"{root}: not an owner home ({name} missing); create one with owner init"
             )
     return OwnerHome(root)
 
 
 def check_name(name: str) -> str:
     if not name or not set(name) <= _NAME_CHARS or name.startswith("."):
-        raise OffsiteError(f"--name {name!r}: use letters, digits, '-', '_' and '.' only")
+        raise OffsiteError(f"`name` {name!r}: use letters, digits, '-', '_' and '.' only")
     return name
 
 
@@ -129,7 +129,7 @@ def enroll(home: OwnerHome, name: str, out: Path | None = None) -> Credentials:
     with home.registry() as registry:
         if registry.data_owner(name) is not None:
             raise OffsiteError(
-                f"data owner {name!r} is already enrolled; pick another --name or revoke it first"
+                f"data owner {name!r} is already enrolled; pick another `name` or revoke it first"
             )
     if out is not None:
         _check_new_file(Path(out))
@@ -155,10 +155,10 @@ def enroll(home: OwnerHome, name: str, out: Path | None = None) -> Credentials:
 
 def _check_new_file(out: Path) -> None:
     if out.exists():
-        raise OffsiteError(f"{out}: already exists; choose another --out")
+        raise OffsiteError(f"{out}: already exists; choose another `out`")
     if not out.parent.is_dir():
         raise OffsiteError(
-            f"{out}: no such directory {out.parent}; create it or choose another --out"
+            f"{out}: no such directory {out.parent}; create it or choose another `out`"
         )
     check_writable(out)
 
@@ -187,7 +187,9 @@ def active_data_owner(home: OwnerHome, name: str) -> None:
     with home.registry() as registry:
         owner = registry.data_owner(name)
     if owner is None or owner.revoked_at:
-        raise OffsiteError(f"--for {name!r}: no active data owner by that name; enroll it first")
+        raise OffsiteError(
+            f"`issued_to` {name!r}: no active data owner by that name; enroll it first"
+        )
 
 
 def register_bundle(home: OwnerHome, bundle: Bundle, data_owner: str, model: str) -> None:
@@ -252,7 +254,7 @@ def merge_inputs(
                 )
         else:
             raise OffsiteError(
-                f"--adapter {adapter!r}: no such adapter id in {home.root} (see `owner adapters`) and no such directory"
+                f"`adapter` {adapter!r}: no such adapter id in {home.root} (see `owner adapters`) and no such directory"
             )
         owner = registry.data_owner(signer)
         if owner is None:
@@ -263,10 +265,10 @@ def merge_inputs(
             f"{path}: bundle {bundle_id[:19]}… was not issued to {signer!r} by this home"
         )
     if bundle is not None and open_bundle(bundle).bundle_id != bundle_id:
-        raise OffsiteError(f"--bundle {bundle}: not the bundle the adapter was trained from")
+        raise OffsiteError(f"`bundle` {bundle}: not the bundle the adapter was trained from")
     if owner.revoked_at and not allow_revoked:
         raise OffsiteError(f"{path}: signed by {signer!r}, revoked at {owner.revoked_at}; merge it only "
-                           "knowingly, with --allow-revoked (the merge record says so)")  # fmt: skip
+                           "knowingly, with `allow_revoked` (the merge record says so)")  # fmt: skip
     key = load_public(owner.signing_key.encode(), f"{home.root} registry entry of {signer}")
     return MergeInputs(
         path, Path(bundle or issued["path"]), key, issued["model"], signer, owner.revoked_at

@@ -120,7 +120,7 @@ class Registry:
             )
         except sqlite3.IntegrityError:
             raise OffsiteError(
-                f"data owner {name!r} is already enrolled; pick another --name or revoke it first"
+                f"data owner {name!r} is already enrolled; pick another `name` or revoke it first"
             ) from None
 
     def data_owner(self, name: str) -> DataOwner | None:

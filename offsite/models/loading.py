@@ -137,7 +137,7 @@ GGUF_DTYPE = torch.bfloat16  # what a GGUF source loads as unless a dtype is cho
 
 @functools.cache  # once per model spec and process
 def _warn_emulated_bf16(spec: str) -> None:
-    log.warning("%s loads as bfloat16, which this CPU emulates (slow); --dtype float32 computes "
+    log.warning("%s loads as bfloat16, which this CPU emulates (slow); loaded as float32 it computes "
                 "several times faster (bundles and merged models are then float32)", spec)  # fmt: skip
 
 

@@ -89,6 +89,6 @@ def chat_examples(
             out.append((ids, labels))
     if not out:
         raise OffsiteError(
-            f"{path}: every assistant turn is cut off by --block-size {block_size}; raise it"
+            f"{path}: every assistant turn is cut off by `block_size` {block_size}; raise it"
         )
     return out

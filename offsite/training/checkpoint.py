@@ -29,7 +29,7 @@ def claim_checkpoint_dir(root: Path) -> None:
     """Make `root` a checkpoint folder of ours, refusing a non-empty folder that holds none."""
     if root.exists() and not root.is_dir():
         raise OffsiteError(
-            f"{root}: exists and is not a directory; choose another --checkpoint-dir"
+            f"{root}: exists and is not a directory; choose another `checkpoint_dir`"
         )
     if (
         root.is_dir()
@@ -37,7 +37,7 @@ def claim_checkpoint_dir(root: Path) -> None:
         and any(map(_not_marker_write, root.iterdir()))
     ):
         raise OffsiteError(
-            f"{root}: folder holds files that are not offsite checkpoints; choose an empty or new --checkpoint-dir"
+            f"{root}: folder holds files that are not offsite checkpoints; choose an empty or new `checkpoint_dir`"
         )
     root.mkdir(parents=True, exist_ok=True)
     if not (root / MARKER).is_file():

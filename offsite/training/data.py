@@ -86,7 +86,7 @@ def _pack(
     if n == 0:
         raise OffsiteError(
             f"{path}: only {len(ids)} tokens, shorter than one block of {block_size}; "
-            "add data or use a smaller --block-size"
+            "add data or use a smaller `block_size`"
         )
     head, label = ([bos], [IGNORE_INDEX]) if bos is not None else ([], [])
     return [
@@ -137,7 +137,7 @@ def _prompt_completion(
             out.append(Example(ids, labels))
     if not out:
         raise OffsiteError(
-            f"{path}: every completion is cut off by --block-size {block_size}; raise it"
+            f"{path}: every completion is cut off by `block_size` {block_size}; raise it"
         )
     return out
 
@@ -146,7 +146,7 @@ def load_data(path: str | Path, tokenizer, block_size: int) -> TokenData:
     """Tokenise a .txt or .jsonl file into training examples of at most `block_size` tokens."""
     path = Path(path)
     if block_size < 2:
-        raise OffsiteError(f"--block-size {block_size} is too small; use at least 2")
+        raise OffsiteError(f"`block_size` {block_size} is too small; use at least 2")
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".jsonl"):
         raise OffsiteError(
@@ -213,7 +213,7 @@ def split_validation(
 ) -> tuple[TokenData, TokenData | None]:
     """Hold out floor(len*fraction) examples, chosen by `seed`; None when that is zero."""
     if not 0.0 <= fraction < 1.0:
-        raise OffsiteError(f"--val-fraction {fraction} must be in [0, 1)")
+        raise OffsiteError(f"`val_fraction` {fraction} must be in [0, 1)")
     n_val = int(len(data) * fraction)
     if n_val == 0:
         return data, None

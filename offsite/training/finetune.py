@@ -69,7 +69,7 @@ def freeze_except_adapter(model: PreTrainedModel, bundle: Bundle, trained: str =
     trainable = only_trained(block_parameters(model, bundle.adapter_positions), trained)
     if not trainable:
         raise OffsiteError(
-            f"--peft bitfit: the adapter blocks of this {model.config.model_type} model have no "
+            f"`peft` bitfit: the adapter blocks of this {model.config.model_type} model have no "
             "bias parameters; choose lora, ia3 or ln"
         )
     for p in trainable.values():
@@ -215,9 +215,9 @@ def finetune_bundle(
 ) -> Adapter | None:
     """Fine-tune the adapter of a verified bundle on local data; returns the adapter (main process)."""
     check_output_dir(job.out, job.overwrite)  # fail before hours of training, not after
-    check_apart({"--out": job.out, "--checkpoint-dir": job.checkpoints}, {"--bundle": bundle.path},
-                {"--data": job.data})  # fmt: skip
-    check_apart({"--checkpoint-dir": job.checkpoints}, {"--out": job.out})
+    check_apart({"`out`": job.out, "`checkpoint_dir`": job.checkpoints}, {"`bundle`": bundle.path},
+                {"`data`": job.data})  # fmt: skip
+    check_apart({"`checkpoint_dir`": job.checkpoints}, {"`out`": job.out})
     check_writable(job.out)
     adapter_bytes = spec_bytes(spec_from_bundle(bundle))
     # the adapter, and with checkpoints its float32 master copy and two Adam moments as well

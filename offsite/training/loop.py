@@ -81,32 +81,30 @@ class TrainConfig:
         }
         for name, value in positive.items():
             if value < 1:
-                raise OffsiteError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+                raise OffsiteError(f"`{name}` must be at least 1 (got {value})")
         if self.max_steps is not None and self.max_steps < 1:
-            raise OffsiteError(f"--max-steps must be at least 1 (got {self.max_steps})")
+            raise OffsiteError(f"`max_steps` must be at least 1 (got {self.max_steps})")
         for name in ("learning_rate", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise OffsiteError(
-                    f"--{name.replace('_', '-')} must be a finite number (got {value})"
-                )
+                raise OffsiteError(f"`{name}` must be a finite number (got {value})")
         if not self.learning_rate > 0:
-            raise OffsiteError(f"--learning-rate must be positive (got {self.learning_rate})")
+            raise OffsiteError(f"`learning_rate` must be positive (got {self.learning_rate})")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise OffsiteError(
-                f"--weight-decay and --max-grad-norm must be >= 0 (got {self.weight_decay}, {self.max_grad_norm})"
+                f"`weight_decay` and `max_grad_norm` must be >= 0 (got {self.weight_decay}, {self.max_grad_norm})"
             )
         if self.lr_scheduler not in SCHEDULES:
             raise OffsiteError(
-                f"--lr-scheduler {self.lr_scheduler!r} unknown; choose one of {', '.join(SCHEDULES)}"
+                f"`lr_scheduler` {self.lr_scheduler!r} unknown; choose one of {', '.join(SCHEDULES)}"
             )
         if self.mixed_precision not in PRECISIONS:
             raise OffsiteError(
-                f"--mixed-precision {self.mixed_precision!r} unknown; choose one of {', '.join(PRECISIONS)}"
+                f"`mixed_precision` {self.mixed_precision!r} unknown; choose one of {', '.join(PRECISIONS)}"
             )
         if min(self.warmup_steps, self.save_every, self.eval_every, self.loss_chunk_tokens) < 0:
             raise OffsiteError(
-                "--warmup-steps, --save-every, --eval-every and --loss-chunk-tokens must be >= 0"
+                "`warmup_steps`, `save_every`, `eval_every` and `loss_chunk_tokens` must be >= 0"
             )
         if (
             isinstance(self.seed, bool)
@@ -114,7 +112,7 @@ class TrainConfig:
             or not 0 <= self.seed < 2**63
         ):
             raise OffsiteError(
-                f"--seed must be a whole number from 0 to 2**63 - 1 (got {self.seed})"
+                f"`seed` must be a whole number from 0 to 2**63 - 1 (got {self.seed})"
             )
         part, parts = self.schedule_part
         if not 0 <= part < parts:
@@ -164,7 +162,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         )
     except (ValueError, RuntimeError) as e:
         raise OffsiteError(
-            f"--mixed-precision {cfg.mixed_precision}: {str(e).splitlines()[0]}"
+            f"`mixed_precision` {cfg.mixed_precision}: {str(e).splitlines()[0]}"
         ) from None
 
 
@@ -195,11 +193,11 @@ def _restore_or_refuse(
         return 0
     if not resume:
         raise OffsiteError(
-            f"{checkpoint_dir}: a checkpoint exists; pass --resume to continue it or delete it"
+            f"{checkpoint_dir}: a checkpoint exists; pass `resume` to continue it or delete it"
         )
     if state.get("run_key") != run_key:
         raise OffsiteError(
-            f"{checkpoint_dir}: checkpoint was made with other data, bundle or settings; drop --resume or delete it"
+            f"{checkpoint_dir}: checkpoint was made with other data, bundle or settings; drop `resume` or delete it"
         )
     load_checkpoint(checkpoint_dir, model, optimizer, scheduler)
     log.info("resumed from step %d", state["step"])
@@ -220,7 +218,7 @@ def _steps_per_epoch(train_data: TokenData, cfg: TrainConfig, world: int) -> int
     if steps == 0:
         raise OffsiteError(
             f"{train_data.source}: {len(train_data)} training examples are fewer than one step needs "
-            f"(batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {world} processes); lower --batch-size or add data"
+            f"(batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {world} processes); lower `batch_size` or add data"
         )
     return steps
 
@@ -239,7 +237,7 @@ class _Progress:
     def record(self, loss: float) -> None:
         if not math.isfinite(loss):
             raise OffsiteError(
-                f"the loss became {loss} at step {self.step}; lower --learning-rate (or check the data)"
+                f"the loss became {loss} at step {self.step}; lower `learning_rate` (or check the data)"
             )
         entry = {"step": self.step, "loss": loss}
         self.history.append({**entry, "val_perplexity": self.val_ppl} if self.val_ppl else entry)
@@ -418,7 +416,7 @@ def _privately(model, optimizer, cfg: TrainConfig, n_examples: int, acc: Acceler
     """DP-SGD for one process: (model with per-sample gradients, DP optimizer, (noise, sample rate))."""
     if acc.num_processes > 1 or cfg.grad_accum > 1:
         raise OffsiteError(
-            "--dp-epsilon trains in one process without --grad-accum (the accounting assumes it)"
+            "`dp` trains in one process without `grad_accum` (the accounting assumes it)"
         )
     sample_rate = min(1.0, cfg.batch_size / n_examples)
     wrapped, dp_optimizer, noise = privatize(

@@ -35,18 +35,18 @@ class DPConfig:
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise OffsiteError(f"--dp-epsilon {self.epsilon} must be a finite number > 0")
+            raise OffsiteError(f"`epsilon` {self.epsilon} must be a finite number > 0")
         if not 0 < self.delta < 1:
             raise OffsiteError(
-                f"--dp-delta {self.delta} must be in (0, 1), e.g. 1/(number of examples)"
+                f"`delta` {self.delta} must be in (0, 1), e.g. 1/(number of examples)"
             )
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise OffsiteError(
-                "--max-grad-norm must be a finite number > 0 with --dp-epsilon (it bounds each sample's gradient)"
+                "`max_grad_norm` must be a finite number > 0 with `epsilon` (it bounds each sample's gradient)"
             )
         if self.accountant not in ACCOUNTANTS:
             raise OffsiteError(
-                f"--dp-accountant {self.accountant!r} unknown; choose one of {', '.join(ACCOUNTANTS)}"
+                f"`accountant` {self.accountant!r} unknown; choose one of {', '.join(ACCOUNTANTS)}"
             )
 
 
@@ -58,7 +58,7 @@ def noise_multiplier(dp: DPConfig, sample_rate: float, steps: int) -> float:
         return float(get_noise_multiplier(target_epsilon=dp.epsilon, target_delta=dp.delta,
                                           sample_rate=sample_rate, steps=steps, accountant=dp.accountant))  # fmt: skip
     except ValueError as e:
-        raise OffsiteError(f"--dp-epsilon {dp.epsilon}: {str(e).splitlines()[0]}") from None
+        raise OffsiteError(f"`dp.epsilon` {dp.epsilon}: {str(e).splitlines()[0]}") from None
 
 
 def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPConfig, batch_size: int,
@@ -72,7 +72,7 @@ def privatize(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPConfig, 
     except (
         NotImplementedError
     ) as e:  # a trainable module opacus cannot take per-sample gradients of
-        raise OffsiteError(f"--dp-epsilon: {str(e).splitlines()[0]}") from None
+        raise OffsiteError(f"`dp.epsilon`: {str(e).splitlines()[0]}") from None
     noise = noise_multiplier(dp, sample_rate, steps)
     # the noise must be unknown to whoever sees the adapter: a generator seeded from the OS's
     # entropy at every (re)start, never from --seed (recorded in the manifest, default 42), and
@@ -96,5 +96,5 @@ def spent(dp: DPConfig, noise: float, sample_rate: float, steps: int) -> dict:
             "accountant": f"opacus {dp.accountant}", "noise_multiplier": round(noise, 6),
             "sample_rate": sample_rate, "steps": steps, "max_grad_norm": dp.max_grad_norm,
             "sampling": "shuffled fixed-size batches; the accountant assumes Poisson sampling at this rate",
-            "randomness": "batch order and noise drawn from the OS's entropy, not from --seed; noise "
+            "randomness": "batch order and noise drawn from the OS's entropy, not from the seed; noise "
                           "sampled in opacus's secure_mode (no CSPRNG: torchcsprng is not available)"}  # fmt: skip

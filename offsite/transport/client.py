@@ -63,7 +63,7 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
-            raise OffsiteError(f"--retries must be at least 1 (got {self.attempts})")
+            raise OffsiteError(f"`attempts` must be at least 1 (got {self.attempts})")
 
     def delays(self) -> Iterator[float]:
         delay = self.initial_s
@@ -171,7 +171,7 @@ class OwnerClient:
         """Download a bundle into `out` (resuming a previous partial download), verify it, then rename
         it into place; returns it (its files were hashed as they arrived, not read again)."""
         if out.exists():
-            raise OffsiteError(f"{out}: already exists; choose another --out")
+            raise OffsiteError(f"{out}: already exists; choose another `out`")
         info = next((b for b in self.list_bundles() if b["bundle_id"] == bundle_id), None)
         if info is None:
             raise TransportError(
@@ -252,7 +252,7 @@ class OwnerClient:
         names = ADAPTER_FILES[adapter.kind]
         if not (adapter_dir / names[-1]).is_file():
             raise OffsiteError(
-                f"{adapter_dir}: adapter is not signed; fine-tune with --credentials or sign it"
+                f"{adapter_dir}: adapter is not signed; fine-tune with `credentials` or sign it"
             )
         files = [
             {
@@ -328,7 +328,7 @@ def connect(
         metadata = ((INSECURE_IDENTITY_HEADER, insecure_identity),)
     else:
         if credentials is None:
-            raise OffsiteError("--credentials is required to talk to a model owner")
+            raise OffsiteError("`credentials` is required to talk to a model owner")
         tls = grpc.ssl_channel_credentials(root_certificates=credentials.ca_cert.encode(),
                                            private_key=credentials.client_key.encode(),
                                            certificate_chain=credentials.client_cert.encode())  # fmt: skip
@@ -346,7 +346,7 @@ def pick_bundle(bundles: list[dict], bundle_id: str | None) -> dict:
         match = [b for b in bundles if b["bundle_id"] in (bundle_id, f"sha256:{bundle_id}")]
         if not match:
             raise OffsiteError(
-                f"--bundle-id {bundle_id}: not among the {len(bundles)} bundles issued to you"
+                f"`bundle_id` {bundle_id}: not among the {len(bundles)} bundles issued to you"
             )
         return match[0]
     if not bundles:

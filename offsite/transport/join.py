@@ -27,8 +27,8 @@ def join(
     bundle issued to us that we have not trained on (start it after the owner issued round 0), fetch it, `train(bundle, out)` (returns the signed
     adapter's directory), submit. Progress is kept in WORK/join.json, so a restart carries on."""
     if rounds < 1:
-        raise OffsiteError(f"--rounds must be >= 1 (got {rounds})")
-    for flag, value in (("--poll", poll_s), ("--wait", wait_s)):
+        raise OffsiteError(f"`rounds` must be >= 1 (got {rounds})")
+    for flag, value in (("`poll_s`", poll_s), ("`wait_s`", wait_s)):
         if not (math.isfinite(value) and value > 0):
             raise OffsiteError(f"{flag} must be a positive number of seconds (got {value})")
     work.mkdir(parents=True, exist_ok=True)

@@ -223,7 +223,7 @@ def check_listen(listen: str) -> None:
         or (":" in host and not bracketed)
     ):
         raise OffsiteError(
-            f"--listen {listen!r}: give host:port, e.g. 127.0.0.1:50051 or [::1]:50051 (port 0-65535)"
+            f"`listen` {listen!r}: give host:port, e.g. 127.0.0.1:50051 or [::1]:50051 (port 0-65535)"
         )
 
 

@@ -52,12 +52,12 @@ def resolve_tasks(spec: EvaluateSpec) -> list[Task]:
     """The runnable tasks, checked (specs and data files) before any model is loaded."""
     if spec.tasks and (spec.train_file or spec.test_file):
         raise OffsiteError(
-            "give --task, or --train and --test (a language-modelling task), not both"
+            "give `tasks`, or `train_file` and `test_file` (a language-modelling task), not both"
         )
     if not spec.tasks:
         if not (spec.train_file and spec.test_file):
             raise OffsiteError(
-                "name a task: --task NAME|SPEC.yaml|lm-eval:NAME, or --train and --test files"
+                "name a task: `tasks` NAME|SPEC.yaml|lm-eval:NAME, or `train_file` and `test_file` files"
             )
         return [
             load_task_files(
@@ -82,8 +82,8 @@ def evaluate(
     model = load_model(spec.model, dtype=spec.dtype)
     if model_fingerprint(model) != bundle.base_fingerprint:
         raise OffsiteError(
-            f"{spec.bundle}: bundle was not made from --model {spec.model} in this dtype "
-            "(pass the --dtype it was packaged with)"
+            f"{spec.bundle}: bundle was not made from `model` {spec.model} in this dtype "
+            "(pass the `dtype` it was packaged with)"
         )
     tok = load_tokenizer(spec.model)
     results = []
