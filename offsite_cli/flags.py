@@ -6,10 +6,10 @@ from __future__ import annotations
 from offsite.errors import OffsiteError
 
 FLAGS = {
-    # TrainConfig (data-owner finetune / join; `distill.` for package-emulator's distillation)
+    # fields set by the flag of the same name (TrainConfig's too; `distill.` ones below)
     **{
         f: "--" + f.replace("_", "-")
-        for f in (
+        for f in [
             "epochs",
             "max_steps",
             "learning_rate",
@@ -75,8 +75,8 @@ FLAGS = {
             "train_limit",
             "full_learning_rate",
             "full_finetune",
-        )
-    },  # fmt: skip
+        ]
+    },
     "remote": "--server",
     "attempts": "--retries",
     "issued_to": "--for",

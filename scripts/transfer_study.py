@@ -224,6 +224,7 @@ def main() -> None:
     )  # not the sequences layer-wise fits on
     ceilings = _Ceilings(out / "ceilings.json")
     done = _done(out)
+    budget = f"steps={a.steps}|bs={a.batch_size}|block={a.block_size}|lr={a.full_learning_rate}|mp={a.mixed_precision}|n={a.eval_limit}"  # fmt: skip
     rows = []
     for spec in a.recipes:
         emulator, plan, record, seconds = build(full, tok, spec)
@@ -235,7 +236,6 @@ def main() -> None:
         # task-major, so a run stopped part-way has whole tasks (every seed) rather than one seed of each
         for name in a.task or ["shakespeare"]:
             for seed in seeds:
-                budget = f"steps={a.steps}|bs={a.batch_size}|block={a.block_size}|lr={a.full_learning_rate}|mp={a.mixed_precision}|n={a.eval_limit}"  # fmt: skip
                 if (spec, name, seed, budget) in done:
                     print(
                         f"[{spec}] {name} seed {seed}: in {out / 'rows.jsonl'} already", flush=True

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from offsite.artefacts.bundle import Bundle
+from offsite.recipes.identity import credentials_of
 from offsite.recipes.remote import Remote, connected
 
 
@@ -22,5 +23,5 @@ def fetch_bundle(
     size in bytes before the download starts, `on_bytes` each chunk."""
     from offsite.transport.client import fetch
 
-    with connected(remote, credentials) as owner:
+    with connected(remote, credentials_of(credentials)) as owner:
         return fetch(owner, bundle_id, out, on_bytes=on_bytes, on_total=on_total)

@@ -8,10 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from offsite.errors import OffsiteError
-from offsite.recipes.fetch import fetch_bundle
-from offsite.recipes.identity import signer_of, verified_bundle
-from offsite.recipes.remote import Remote
-from offsite.recipes.submit import submit_adapter
+from offsite.recipes.identity import credentials_of, signer_of, verified_bundle
+from offsite.recipes.remote import Remote, connected
 from offsite.training.finetune import FinetuneJob, finetune_bundle
 from offsite.training.loop import StepInfo, TrainConfig
 
@@ -50,14 +48,19 @@ def finetune(
 ) -> dict | None:
     """What was trained (adapter, steps, losses, DP record) and, from a server, the owner's verdict
     on it; None in the processes of a multi-process run but the main one."""
-    signer = signer_of(spec.credentials)
+    creds = credentials_of(spec.credentials)  # read once: it verifies, signs and connects
+    signer = signer_of(creds, spec.credentials)
     if spec.bundle is not None:
-        bundle = verified_bundle(spec.bundle, spec.credentials)
+        bundle = verified_bundle(spec.bundle, creds)
     elif spec.download.exists():  # a previous download: checked like a fresh one
-        bundle = verified_bundle(spec.download, spec.credentials)
+        bundle = verified_bundle(spec.download, creds)
     else:
-        bundle = fetch_bundle(spec.remote, spec.credentials, spec.download, spec.bundle_id,
-                              on_bytes=on_bytes, on_total=on_total)  # fmt: skip
+        from offsite.transport.client import fetch
+
+        with connected(spec.remote, creds) as owner:
+            bundle = fetch(
+                owner, spec.bundle_id, spec.download, on_bytes=on_bytes, on_total=on_total
+            )
     adapter = finetune_bundle(bundle, spec.job, spec.train, on_step=on_step, signer=signer)
     if adapter is None:
         return None
@@ -66,5 +69,8 @@ def finetune(
               "final_loss": t["final_loss"], "val_perplexity": t["val_perplexity"],
               "differential_privacy": t.get("differential_privacy")}  # fmt: skip
     if spec.remote is not None:
-        result["submitted"] = submit_adapter(spec.remote, spec.credentials, adapter.path)
+        from offsite.transport.client import submit
+
+        with connected(spec.remote, creds) as owner:
+            result["submitted"] = submit(owner, adapter.path)
     return result

@@ -14,17 +14,15 @@ def credentials_of(path: Path | None) -> Credentials | None:
     return load_credentials(path) if path else None
 
 
-def signer_of(path: Path | None) -> Signer | None:
-    """The data owner's signer, from an `owner enroll` credentials file (None without one)."""
-    creds = credentials_of(path)
-    return Signer(creds.name, load_private(creds.signing_key.encode(), path)) if creds else None
+def signer_of(creds: Credentials | None, source: Path | None) -> Signer | None:
+    """The data owner's signer, from credentials loaded from the file `source` (None without)."""
+    return Signer(creds.name, load_private(creds.signing_key.encode(), source)) if creds else None
 
 
-def verified_bundle(path: Path, credentials: Path | None) -> Bundle:
+def verified_bundle(path: Path, creds: Credentials | None) -> Bundle:
     """A bundle directory, its hashes checked; with credentials also the owner's signature and
     that it was issued to us."""
     bundle = open_bundle(path)
-    creds = credentials_of(credentials)
     if creds is not None:
         creds.check_bundle(bundle)
     return bundle

@@ -47,7 +47,7 @@ def join_rounds(spec: JoinSpec, *, on_step: Callable[[StepInfo], None] | None = 
     creds = credentials_of(spec.credentials)
     if creds is None:
         raise OffsiteError("`credentials` are needed: the adapters a member submits are signed")
-    signer = signer_of(spec.credentials)
+    signer = signer_of(creds, spec.credentials)
     checkpoints = spec.job.checkpoint_dir
 
     def train(bundle: Bundle, out: Path) -> Path:
@@ -61,5 +61,5 @@ def join_rounds(spec: JoinSpec, *, on_step: Callable[[StepInfo], None] | None = 
                       overwrite=False)  # fmt: skip
         return finetune_bundle(bundle, job, cfg, on_step=on_step, signer=signer).path
 
-    with connected(spec.remote, spec.credentials) as owner:
+    with connected(spec.remote, creds) as owner:
         return join(owner, spec.rounds, spec.work, train, poll_s=spec.poll_s, wait_s=spec.wait_s)

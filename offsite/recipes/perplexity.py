@@ -13,7 +13,7 @@ from offsite.artefacts.adapter import open_adapter, plug_into_emulator
 from offsite.artefacts.bundle import check_bundle_model
 from offsite.evaluation.perplexity import check_eval_options, perplexity_on_file
 from offsite.models.loading import DEFAULT_MODEL, load_model, load_tokenizer
-from offsite.recipes.identity import verified_bundle
+from offsite.recipes.identity import credentials_of, verified_bundle
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def emulator_perplexity(
 ) -> dict:
     """`data-owner evaluate`: the bundle's emulator's perplexity, with `adapter` plugged in when
     given; with `credentials` the owner's signature on the bundle is checked too."""
-    opened = verified_bundle(bundle, credentials)
+    opened = verified_bundle(bundle, credentials_of(credentials))
     model = opened.load_model(dtype=torch.float32)
     check_bundle_model(opened, model)
     if adapter:

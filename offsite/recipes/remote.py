@@ -5,9 +5,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-from offsite.recipes.identity import credentials_of
+from offsite.exchange.credentials import Credentials
 
 
 @dataclass(frozen=True)
@@ -20,10 +19,10 @@ class Remote:
 
 
 @contextlib.contextmanager
-def connected(remote: Remote, credentials: Path | None) -> Iterator:
+def connected(remote: Remote, creds: Credentials | None) -> Iterator:
     """A client for `remote` over mutual TLS (grpc is imported only when a server is used)."""
     from offsite.transport.client import RetryPolicy, connect
 
-    with connect(remote.address, credentials_of(credentials), insecure_identity=remote.insecure_identity,
+    with connect(remote.address, creds, insecure_identity=remote.insecure_identity,
                  retry=RetryPolicy(attempts=remote.retries)) as owner:  # fmt: skip
         yield owner

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from offsite.recipes.identity import credentials_of
 from offsite.recipes.remote import Remote, connected
 
 
@@ -18,5 +19,5 @@ def submit_adapter(
     """The owner's verdict on `adapter` (its id and status), after the upload completes."""
     from offsite.transport.client import submit
 
-    with connected(remote, credentials) as owner:
+    with connected(remote, credentials_of(credentials)) as owner:
         return submit(owner, adapter, on_bytes=on_bytes)
