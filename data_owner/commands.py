@@ -57,7 +57,11 @@ def cmd_join(args: argparse.Namespace) -> None:
                     work=Path(args.work), job=finetune_job(args, Path(args.work), overwrite=False), train=train_config(args),
                     round_schedule=args.round_schedule, poll_s=args.poll, wait_s=args.wait)  # fmt: skip
     with training_bar("round") as bar:
-        print_json(join_rounds(spec, on_step=bar))
+
+        def on_round(k: int, n: int) -> None:
+            bar.desc = f"round {k}/{n}"
+
+        print_json(join_rounds(spec, on_step=bar, on_round=on_round))
 
 
 def cmd_fetch(args: argparse.Namespace) -> None:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
-from offsite.artefacts.peft_delta import PEFT_METHODS, PeftOptions
+from offsite.artefacts.peft_delta import PeftOptions
+from offsite.artefacts.peft_methods import METHODS
 from offsite.errors import OffsiteError, spec_fields
 from offsite.recipes.perplexity import HeldOut
+from offsite.training.config import PRECISIONS, SCHEDULES, TrainConfig
 from offsite.training.finetune import ADAPTER_LEARNING_RATE, FinetuneJob
-from offsite.training.loop import PRECISIONS, SCHEDULES, TrainConfig
 from offsite.training.privacy import ACCOUNTANTS, DEFAULT_DELTA, DPConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -133,8 +134,8 @@ def add_peft(p: argparse.ArgumentParser) -> None:
     """PEFT inside the adapter blocks (LoRA, IA3, LN tuning, a soft prompt) instead of training them."""
     d = PeftOptions("lora")
     g = p.add_argument_group("PEFT inside the adapter (default: the adapter blocks train in full)")
-    g.add_argument("--peft", choices=PEFT_METHODS, default=None,
-                   help="lora, ia3, ln (norms only) or prompt (a soft prompt at the input)")  # fmt: skip
+    g.add_argument("--peft", choices=tuple(METHODS), default=None,
+                   help="; ".join(f"{m.name}: {m.trains}" for m in METHODS.values()))  # fmt: skip
     g.add_argument("--lora-rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
     g.add_argument(
         "--lora-alpha", type=float, default=d.alpha, help=f"LoRA alpha (default {d.alpha:g})"

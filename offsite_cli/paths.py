@@ -24,7 +24,7 @@ INPUTS = {
     "home": "--home", "model": "--model", "bundle": "--bundle", "adapter": "--adapter", "data": "--data",
     "credentials": "--credentials", "signer_key": "--signer-key", "selection_data": "--selection-data",
     "distill_data": "--distill-data", "train": "--train", "test": "--test", "data_root": "--data-root",
-    "task": "--task", "config": "--config",
+    "task": "--task", "config": "--config", "recipe": "--recipe",
 }  # fmt: skip
 # string arguments that name no file (a test checks every command's arguments fall in one of the three)
 NOT_PATHS = {

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 from tqdm import tqdm
 
-from offsite.training.loop import StepInfo
+from offsite.training.config import StepInfo
 
 
 class TrainingBar:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from offsite.emulator.corpus import SampleConfig
 from offsite.emulator.layerwise import LayerwiseConfig
 from offsite.emulator.package import PackageSpec
 from offsite.emulator.recipe import EmulatorRecipe
+from offsite.emulator.recipe_file import load_recipe, recipe_of_bundle
 from offsite.errors import OffsiteError, spec_fields
 from offsite.evaluation.five_settings import summary_table
 from offsite.exchange.federation import FederationSpec
@@ -20,7 +22,7 @@ from offsite.recipes.federate import federate_rounds
 from offsite.recipes.merge import MergeRequest, merge_adapter
 from offsite.recipes.package import package_emulator
 from offsite.recipes.perplexity import model_perplexity
-from offsite.training.loop import TrainConfig
+from offsite.training.config import TrainConfig
 from offsite_cli.args import dtype_of, held_out, optional_path, peft_options
 from offsite_cli.progress import counting_bar, training_bar
 from offsite_cli.runner import print_json
@@ -61,6 +63,8 @@ def cmd_package(args: argparse.Namespace) -> None:
 
 
 def _recipe(args: argparse.Namespace) -> EmulatorRecipe:
+    if args.recipe is not None:
+        return _recipe_from(args)
     with spec_fields("distill"):
         distill = TrainConfig(max_steps=args.distill_steps, learning_rate=args.distill_lr, warmup_steps=args.distill_warmup,
                               batch_size=args.distill_batch_size, lr_scheduler="cosine", save_every=args.save_every,
@@ -86,6 +90,24 @@ def _recipe(args: argparse.Namespace) -> EmulatorRecipe:
         block_size=args.block_size, prune=args.prune, quantize_bits=args.quantize_bits,
         checkpoint_dir=checkpoints, resume=args.resume,
     )  # fmt: skip
+
+
+def _recipe_from(args: argparse.Namespace) -> EmulatorRecipe:
+    """The recipe of --recipe (a file or a bundle), its data files and checkpoints from the flags."""
+    given = vars(args)
+    both = [d for d, default in args.recipe_options.items() if given[d] != default]
+    if both:
+        raise OffsiteError(
+            f"--recipe and --{both[0].replace('_', '-')} both set the recipe; set it in the file"
+        )
+    path = Path(args.recipe)
+    data = {k: Path(v) for k, v in (("selection_data", args.selection_data), ("distill_data", args.distill_data)) if v}  # fmt: skip
+    recipe = recipe_of_bundle(path, data) if path.is_dir() else replace(load_recipe(path), **data)
+    checkpoints = optional_path(args.checkpoint_dir) or (
+        Path(args.out + ".ckpt") if recipe.distill_data else None
+    )
+    selection = "explicit" if args.emulator_blocks else recipe.selection
+    return replace(recipe, selection=selection, checkpoint_dir=checkpoints, resume=args.resume)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

@@ -30,13 +30,14 @@ from offsite.models.architectures import block_matmuls, num_blocks
 from offsite.models.flops import finetune_flops_per_token
 from offsite.models.loading import load_model, load_tokenizer
 from offsite.training.allocator import limit_heap_growth
+from offsite.training.config import TrainConfig
 from offsite.training.data import load_data, pad_id_of
 from offsite.training.finetune import (
     ADAPTER_LEARNING_RATE,
     freeze_except_adapter,
     hold_frozen_weights,
 )
-from offsite.training.loop import TrainConfig, train
+from offsite.training.loop import train
 from scripts.memory import peak_rss_mib
 
 SAMPLE = "data/samples/shakespeare-train.txt"

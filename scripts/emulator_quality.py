@@ -23,8 +23,8 @@ from offsite.emulator.selection import RULES
 from offsite.evaluation.perplexity import perplexity
 from offsite.models.architectures import num_blocks
 from offsite.models.loading import load_model, load_tokenizer
+from offsite.training.config import TrainConfig
 from offsite.training.data import TokenData, load_data, pad_id_of
-from offsite.training.loop import TrainConfig
 
 
 def main() -> None:

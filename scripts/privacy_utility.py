@@ -26,7 +26,7 @@ from offsite.evaluation.five_settings import evaluate_offsite
 from offsite.evaluation.tasks import PerplexityTask
 from offsite.models.architectures import num_blocks
 from offsite.models.loading import load_model, load_tokenizer
-from offsite.training.loop import TrainConfig
+from offsite.training.config import TrainConfig
 
 
 def plot(rows: list[dict], path: Path) -> None:

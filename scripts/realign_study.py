@@ -32,9 +32,10 @@ from offsite.evaluation.five_settings import FULL_LEARNING_RATE, Scoreboard
 from offsite.evaluation.tasks import PerplexityTask
 from offsite.models.architectures import num_blocks
 from offsite.models.loading import load_model, load_tokenizer
+from offsite.training.config import TrainConfig
 from offsite.training.data import load_data, pad_id_of
 from offsite.training.finetune import ADAPTER_LEARNING_RATE, make_trainable, trained_adapter
-from offsite.training.loop import TrainConfig, train
+from offsite.training.loop import train
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 

@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     from offsite.errors import OffsiteError
     from offsite.evaluation.five_settings import five_settings_table, write_results
-    from offsite.training.loop import TrainConfig
+    from offsite.training.config import TrainConfig
 
     try:
         task = _task(a)

@@ -1,13 +1,12 @@
 """Transfer study: which emulator recipe and adapter placement make the plug-in, not the data owner, gain.
 
-    python -m scripts.transfer_study --recipes drop layerwise "layerwise:inputs=teacher" \\
+    python -m scripts.transfer_study --recipes drop layerwise layerwise-teacher \\
         --task shakespeare --task sst2 --task arc-easy --data-root ../shared/data --out runs/transfer
 
-A recipe is NAME[:key=value,...]: NAME is `drop` (selection only) or `layerwise`; keys: sel
-(redundancy|uniform|similarity), k (middle blocks kept; default half), bottom/top (adapter
-blocks), steps, lr, inputs (teacher|emulator), noise, seqs, gw (gradient-matching weight), data (the
-owner's sample text for selection and fitting; default the built-in sample), e2e (then that many
-steps of end-to-end distillation on the same text). Each recipe's emulator is built once
+A recipe is a YAML file (`StudyRecipe`): `adapter_bottom`, `adapter_top`, `emulator_layers` (the
+split) and `recipe`, an `EmulatorRecipe` as `owner package-emulator --recipe` reads it. A bare
+NAME is a built-in one, scripts/recipes/NAME.yaml (drop, layerwise, layerwise-teacher...); a row is
+named by the file's stem. Each recipe's emulator is built once
 (timed), scored by the owner-side transfer score, then run through the five settings on every
 task with the same batches; the full-model ceiling is measured once per task. Writes
 OUT/rows.jsonl (one row per recipe and task, appended as they finish), OUT/table.md, and prints
@@ -32,54 +31,61 @@ import argparse
 import json
 import time
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from offsite.emulator.layerwise import LayerwiseConfig
 from offsite.emulator.plan import make_plan
 from offsite.emulator.recipe import PUBLIC_SAMPLE, EmulatorRecipe, make_emulator
 from offsite.emulator.transfer import transfer_score
+from offsite.errors import OffsiteError
 from offsite.evaluation.five_settings import evaluate_offsite
 from offsite.evaluation.specs import data_root, load_task
 from offsite.evaluation.tasks import PerplexityTask, build_task
 from offsite.models.architectures import num_blocks
 from offsite.models.loading import load_model, load_tokenizer
+from offsite.settings import load_yaml
+from offsite.training.config import PRECISIONS, TrainConfig
 from offsite.training.data import load_data, pad_id_of
-from offsite.training.loop import PRECISIONS, TrainConfig
 from scripts.intervals import fmt, interval, kept
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 
 
-def parse_recipe(spec: str) -> tuple[str, dict[str, str]]:
-    name, _, opts = spec.partition(":")
-    return name, dict(kv.split("=", 1) for kv in opts.split(",") if kv)
+RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
-def build(full, tok, spec: str) -> tuple:
-    """(emulator, plan, record, seconds) for one recipe spec."""
-    name, kv = parse_recipe(spec)
-    plan = make_plan(num_blocks(full.config), adapter_bottom=int(kv.get("bottom", 2)), adapter_top=int(kv.get("top", 2)),
-                     emulator_layers=int(kv["k"]) if "k" in kv else None)  # fmt: skip
-    layerwise = None
-    if name == "layerwise":
-        d = LayerwiseConfig()
-        layerwise = LayerwiseConfig(steps=int(kv.get("steps", d.steps)), learning_rate=float(kv.get("lr", d.learning_rate)),
-                                    inputs=kv.get("inputs", d.inputs), noise=float(kv.get("noise", d.noise)),
-                                    max_sequences=int(kv.get("seqs", d.max_sequences)), grad_weight=float(kv.get("gw", d.grad_weight)))  # fmt: skip
-    elif name != "drop":
-        raise SystemExit(f"unknown recipe {name!r}")
+@dataclass(frozen=True)
+class StudyRecipe:
+    """One arm of the study, as a YAML file: the split and how the emulator is made."""
+
+    adapter_bottom: int = 2
+    adapter_top: int = 2
+    emulator_layers: int | None = None  # middle blocks kept (default half)
+    recipe: EmulatorRecipe = field(default_factory=EmulatorRecipe)
+
+
+def load_recipes(names: list[str]) -> dict[str, StudyRecipe]:
+    """Each recipe by its row name: NAME is scripts/recipes/NAME.yaml, a path FILE.yaml its stem."""
+    out = {}
+    for name in names:
+        path = Path(name) if name.endswith(".yaml") else RECIPES / f"{name}.yaml"
+        if not path.is_file() and not name.endswith(".yaml"):
+            known = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+            raise OffsiteError(
+                f"recipe {name!r}: no such built-in recipe ({known}); or give a FILE.yaml"
+            )
+        out[path.stem] = load_yaml(StudyRecipe, path)
+    return out
+
+
+def build(full, tok, arm: StudyRecipe) -> tuple:
+    """(emulator, plan, record, seconds) for one recipe."""
+    plan = make_plan(num_blocks(full.config), adapter_bottom=arm.adapter_bottom, adapter_top=arm.adapter_top,
+                     emulator_layers=arm.emulator_layers)  # fmt: skip
     t0 = time.perf_counter()
-    # then this many steps of end-to-end distillation on the same text
-    e2e = int(kv.get("e2e", 0))
-    distill = ({"distill_data": Path(kv.get("data", PUBLIC_SAMPLE)),
-                "distill": TrainConfig(max_steps=e2e, learning_rate=1e-4, warmup_steps=max(1, e2e // 10), save_every=0)}
-               if e2e else {})  # fmt: skip
-    recipe = EmulatorRecipe(selection=kv.get("sel", "redundancy"), layerwise=layerwise,
-                            selection_data=Path(kv["data"]) if "data" in kv else None, **distill)  # fmt: skip
-    emulator, plan, record = make_emulator(full, tok, plan, recipe)
+    emulator, plan, record = make_emulator(full, tok, plan, arm.recipe)
     return emulator, plan, record, time.perf_counter() - t0
 
 
@@ -212,6 +218,10 @@ def main() -> None:
         report(rows, out)
         return
     seeds = a.seeds or [a.seed if a.seed is not None else TrainConfig.seed]
+    try:
+        arms = load_recipes(a.recipes)  # every file checked before the model is loaded
+    except OffsiteError as e:
+        p.error(str(e))
     out.mkdir(parents=True, exist_ok=True)
     full, tok = (
         load_model(a.model, torch.float32),
@@ -226,8 +236,8 @@ def main() -> None:
     done = _done(out)
     budget = f"steps={a.steps}|bs={a.batch_size}|block={a.block_size}|lr={a.full_learning_rate}|mp={a.mixed_precision}|n={a.eval_limit}"  # fmt: skip
     rows = []
-    for spec in a.recipes:
-        emulator, plan, record, seconds = build(full, tok, spec)
+    for spec, arm in arms.items():
+        emulator, plan, record, seconds = build(full, tok, arm)
         score = transfer_score(full, emulator, plan, sample, pad_id=pad_id_of(tok))
         print(
             f"[{spec}] built in {seconds:.0f}s, kept {list(plan.kept)}, transfer {score}",

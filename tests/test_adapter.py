@@ -17,8 +17,8 @@ from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import make_plan
 from offsite.models.architectures import block_prefix
 from offsite.models.fingerprint import model_fingerprint
+from offsite.training.config import TrainConfig
 from offsite.training.finetune import FinetuneJob, finetune_bundle
-from offsite.training.loop import TrainConfig
 
 INPUT = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
 

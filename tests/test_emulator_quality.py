@@ -15,8 +15,9 @@ from offsite.emulator.plan import make_plan
 from offsite.emulator.recipe import PUBLIC_SAMPLE, EmulatorRecipe, make_emulator
 from offsite.emulator.selection import BlockStats, block_stats, contiguous_clusters, select_plan
 from offsite.models.architectures import block_prefix, get_blocks
+from offsite.training.config import TrainConfig
 from offsite.training.data import load_data
-from offsite.training.loop import TrainConfig, train
+from offsite.training.loop import train
 
 
 def _silence(model, blocks):

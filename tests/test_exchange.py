@@ -19,8 +19,8 @@ from offsite.atomic import sha256_file
 from offsite.errors import VerificationError
 from offsite.exchange.home import enroll, init_home
 from offsite.exchange.protocol import PROTOCOL_VERSION
+from offsite.training.config import TrainConfig
 from offsite.training.finetune import FinetuneJob, finetune_bundle
-from offsite.training.loop import TrainConfig
 from offsite.transport.client import RetryPolicy, TransportError, connect
 from offsite.transport.v1 import offsite_pb2 as pb
 from offsite.transport.v1 import offsite_pb2_grpc as pb_grpc

@@ -21,8 +21,8 @@ from offsite.errors import VerificationError
 from offsite.exchange.federation import AGGREGATE, FederationSpec, advance, fedavg, round_dir, start
 from offsite.exchange.home import enroll
 from offsite.models.loading import load_model, load_tokenizer
+from offsite.training.config import TrainConfig
 from offsite.training.finetune import FinetuneJob, finetune_bundle, round_schedule
-from offsite.training.loop import TrainConfig
 from offsite.transport.client import TransportError, connect
 from offsite.transport.join import join
 from owner.cli import main as owner
@@ -320,8 +320,11 @@ def test_an_interrupted_join_round_resumes_with_resume(fed, monkeypatch, capsys)
     advance(home, "f1")
     creds["acme"].save(root / "acme.creds")
 
+    labels = []
+
     class Crash(TrainingBar):
         def __call__(self, info):
+            labels.append(self.desc)  # the bar names the federation's round
             super().__call__(info)
             if info.step == 3:
                 raise KeyboardInterrupt
@@ -333,6 +336,7 @@ def test_an_interrupted_join_round_resumes_with_resume(fed, monkeypatch, capsys)
                 "--val-fraction", "0", "--checkpoint-dir", str(root / "ck")]  # fmt: skip
         monkeypatch.setattr(progress, "TrainingBar", Crash)
         assert cli.main(argv) == 130
+        assert labels and labels[0].startswith("round 1/") and labels[0] != "round 1/"
         assert (root / "ck" / "round-0").is_dir() and not (root / "w" / "round-0").exists()
         monkeypatch.setattr(progress, "TrainingBar", TrainingBar)
         expect_error(capsys, cli.main, argv, "pass --resume")

@@ -29,8 +29,8 @@ from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import make_plan
 from offsite.errors import OffsiteError
 from offsite.exchange.home import open_home
+from offsite.training.config import TrainConfig
 from offsite.training.finetune import FinetuneJob, finetune_bundle
-from offsite.training.loop import TrainConfig
 from owner.cli import main as owner
 
 TRAIN = ["--max-steps", "2", "--block-size", "16", "--batch-size", "2", "--learning-rate", "1e-2"]

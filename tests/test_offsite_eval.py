@@ -8,7 +8,7 @@ from offsite.emulator.build import build_emulator
 from offsite.emulator.plan import make_plan
 from offsite.evaluation.five_settings import derived, evaluate_offsite
 from offsite.evaluation.tasks import PerplexityTask
-from offsite.training.loop import TrainConfig
+from offsite.training.config import TrainConfig
 
 
 def test_derived_figures_by_hand():

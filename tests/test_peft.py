@@ -34,8 +34,8 @@ from offsite.atomic import sha256_file
 from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import make_plan
 from offsite.errors import OffsiteError, VerificationError
+from offsite.training.config import TrainConfig
 from offsite.training.finetune import FinetuneJob, finetune_bundle
-from offsite.training.loop import TrainConfig
 from offsite.training.loss import batch_nll, chunked_lm_loss, lm_loss
 from owner.cli import main as owner
 
@@ -358,3 +358,18 @@ def test_peft_targets_that_name_no_linear_module_are_a_verification_error(
     with pytest.raises(VerificationError, match="do not apply"):
         verify_delta(open_adapter(tmp_path / "a"), bundle)
     expect_error(capsys, owner, _merge_argv(tmp_path), "do not apply", tmp_path / "m")
+
+
+def test_the_methods_table_says_each_method_once_and_consistently():
+    """What trains, its default targets, its peft config, whether it is weights: one row each."""
+    from dataclasses import fields
+
+    from offsite.artefacts.peft_methods import METHODS
+    from offsite.models.architectures import PeftTargets
+
+    registry = {f.name for f in fields(PeftTargets)}
+    for m in METHODS.values():
+        assert m.modules == (m.own_parameters is None), m.name  # peft modules, or the blocks' own
+        assert m.targets is None or m.targets in registry, m.name
+        assert m.in_weights or m.modules, m.name  # only a peft tuner can live beside the weights
+        assert m.trains

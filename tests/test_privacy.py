@@ -14,8 +14,8 @@ from offsite.artefacts.peft_delta import PeftOptions
 from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import make_plan
 from offsite.errors import OffsiteError
+from offsite.training.config import TrainConfig
 from offsite.training.finetune import FinetuneJob, finetune_bundle
-from offsite.training.loop import TrainConfig
 from offsite.training.privacy import DPConfig, noise_multiplier, privatize
 
 

@@ -36,18 +36,21 @@ def test_privacy_utility_sweep_writes_table_json_and_plot(tmp_path, corpus_file,
     assert (tmp_path / "r" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_transfer_study_writes_rows_table_and_frontier(tmp_path, monkeypatch):
+def test_transfer_study_writes_rows_table_and_frontier(tmp_path, monkeypatch, capsys):
     from scripts import transfer_study
 
     save_tiny("llama", tmp_path / "model")
-    argv = ["transfer_study", "--model", str(tmp_path / "model"), "--recipes", "drop", "layerwise:steps=3,bottom=1,top=3",
+    (tmp_path / "lw.yaml").write_text(
+        "adapter_bottom: 1\nadapter_top: 3\nrecipe: {layerwise: {steps: 3}}\n"
+    )
+    argv = ["transfer_study", "--model", str(tmp_path / "model"), "--recipes", "drop", str(tmp_path / "lw.yaml"),
             "--steps", "2", "--seed", "3", "--out", str(tmp_path / "t")]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     transfer_study.main()
     rows = [json.loads(line) for line in (tmp_path / "t" / "rows.jsonl").read_text().splitlines()]
     assert [(r["recipe"], r["seed"]) for r in rows] == [
         ("drop", 3),
-        ("layerwise:steps=3,bottom=1,top=3", 3),
+        ("lw", 3),
     ]
     assert rows[1]["adapter"] == [0, 5, 6, 7] and "layerwise" in rows[1]["record"]
     assert all(
@@ -83,6 +86,18 @@ def test_transfer_study_writes_rows_table_and_frontier(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         transfer_study.main()
     assert exit_.value.code == 2 and not (tmp_path / "bad").exists()
+    # a recipe that is neither built in nor a file, and a file with a mistake: exit 2 before any model
+    for recipe, message in (
+        ("nope", "no such built-in recipe"),
+        (str(tmp_path / "bad.yaml"), "`recipe.prune`"),
+    ):
+        (tmp_path / "bad.yaml").write_text("recipe: {prune: 2}\n")
+        monkeypatch.setattr(
+            sys, "argv", ["transfer_study", "--recipes", recipe, "--out", str(tmp_path / "bad")]
+        )
+        with pytest.raises(SystemExit) as exit_:
+            transfer_study.main()
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_realign_study_compares_a_kept_and_a_realigned_emulator(tmp_path, monkeypatch, capsys):

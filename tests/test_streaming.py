@@ -16,8 +16,8 @@ from offsite.artefacts.shards import INDEX, tensor_map
 from offsite.emulator.layerwise import LayerwiseConfig  # noqa: F401  (the default recipe uses it)
 from offsite.emulator.package import PackageSpec, package
 from offsite.emulator.recipe import EmulatorRecipe
+from offsite.training.config import TrainConfig
 from offsite.training.finetune import FinetuneJob, finetune_bundle
-from offsite.training.loop import TrainConfig
 from owner.cli import main as owner
 
 FORWARD_FREE = EmulatorRecipe(selection="uniform", layerwise=None)

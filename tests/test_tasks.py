@@ -29,7 +29,7 @@ from offsite.evaluation.specs import (
     records,
 )
 from offsite.evaluation.tasks import ChoiceTask, build_task
-from offsite.training.loop import TrainConfig
+from offsite.training.config import TrainConfig
 
 
 def _spec(tmp_path, text: str, name: str = "t.yaml"):

@@ -8,8 +8,9 @@ from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import make_plan
 from offsite.errors import OffsiteError
 from offsite.training.checkpoint import MARKER, claim_checkpoint_dir
+from offsite.training.config import TrainConfig
 from offsite.training.finetune import FinetuneJob, finetune_bundle
-from offsite.training.loop import TrainConfig, epoch_batches
+from offsite.training.loop import epoch_batches
 
 CFG = TrainConfig(
     max_steps=6, learning_rate=5e-3, batch_size=2, grad_accum=2, save_every=2, warmup_steps=1

@@ -32,6 +32,7 @@ from offsite.artefacts.adapter import (
 )
 from offsite.artefacts.bundle import Bundle, open_bundle
 from offsite.artefacts.peft_delta import merge_delta, merged_blocks, verify_delta
+from offsite.artefacts.peft_methods import method_of
 from offsite.artefacts.shards import (
     NotStreamable,
     block_parameter_names,
@@ -183,7 +184,7 @@ def _write_streaming(spec: MergeSpec, adapter: Adapter, bundle: Bundle, source: 
     replacements: Mapping[str, torch.Tensor] = {}
     if adapter.kind == "peft":
         options, delta = verify_delta(adapter, bundle)
-        if options.method != "prompt":
+        if method_of(options.method).in_weights:
             replacements = merged_blocks(source, bundle, options, delta)
     else:
         stored = tensor_map(source)
@@ -211,7 +212,7 @@ def _merge_loaded(spec: MergeSpec, adapter: Adapter, bundle: Bundle, signature: 
     if adapter.kind == "peft":
         check_origin(adapter, bundle, model.config.model_type, fingerprint)
         options, delta = verify_delta(adapter, bundle)
-        if options.method != "prompt":
+        if method_of(options.method).in_weights:
             model = merge_delta(model, options, bundle, delta)
     else:
         plug_adapter(model, verify_adapter(adapter, bundle, model, fingerprint))
@@ -245,7 +246,7 @@ def _record(adapter: Adapter, bundle: Bundle, spec: MergeSpec, fingerprint: str,
     }
     if adapter.kind == "peft":
         record["peft"] = adapter.manifest["peft"]
-        if adapter.manifest["peft"].get("method") == "prompt":
+        if not method_of(adapter.manifest["peft"]["method"]).in_weights:  # verified: a method
             record["prompt"] = (
                 f"{PROMPT_DIR}/: the soft prompt; PeftModel.from_pretrained(model, 'OUT/{PROMPT_DIR}')"
             )

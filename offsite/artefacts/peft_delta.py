@@ -19,11 +19,7 @@ from pathlib import Path
 
 import torch
 from peft import (
-    IA3Config,
-    LNTuningConfig,
-    LoraConfig,
     PeftConfig,
-    PromptTuningConfig,
     get_peft_model,
     get_peft_model_state_dict,
     set_peft_model_state_dict,
@@ -32,6 +28,7 @@ from transformers import PreTrainedModel
 
 from offsite.artefacts.adapter import PEFT_CONFIG, Adapter, remap_blocks
 from offsite.artefacts.bundle import Bundle
+from offsite.artefacts.peft_methods import Where, method_of
 from offsite.artefacts.shards import load_blocks, meta_model
 from offsite.artefacts.tensorcheck import (
     TensorSpec,
@@ -44,9 +41,7 @@ from offsite.artefacts.tensorcheck import (
 from offsite.errors import OffsiteError, VerificationError
 from offsite.models.architectures import arch_spec, block_prefix, get_blocks
 
-PEFT_METHODS = ("lora", "ia3", "ln", "bitfit", "prompt")
 MAX_LORA_SCALE = 1024.0  # alpha / rank above this is no training setting anyone uses: refused
-# BitFit (the adapter blocks' biases only) has no peft tuner: it returns a block adapter of biases
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 # fields of peft's config that describe where it came from, not what it does
 _PROVENANCE = {
@@ -71,10 +66,7 @@ class PeftOptions:
     virtual_tokens: int = 20
 
     def __post_init__(self) -> None:
-        if self.method not in PEFT_METHODS:
-            raise OffsiteError(
-                f"`method` {self.method!r} unknown; choose one of {', '.join(PEFT_METHODS)}"
-            )
+        method_of(self.method)
         numbers = (self.rank, self.alpha, self.dropout, self.virtual_tokens)
         if any(
             isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
@@ -101,10 +93,10 @@ class PeftOptions:
 
     def resolved(self, model_type: str) -> PeftOptions:
         """These options with the registry's targets filled in (what the manifest records)."""
-        if self.targets or self.method in ("prompt", "bitfit"):
+        default = method_of(self.method).targets
+        if self.targets or default is None:
             return self
-        t = arch_spec(model_type).peft
-        return replace(self, targets={"lora": t.linear, "ia3": t.ia3, "ln": t.norms}[self.method])
+        return replace(self, targets=getattr(arch_spec(model_type).peft, default))
 
     def to_json(self) -> dict:
         return {**asdict(self), "targets": list(self.targets)}
@@ -125,22 +117,17 @@ def _pattern(blocks: str, layers: list[int], names: tuple[str, ...]) -> str:
 
 def peft_config(options: PeftOptions, model_type: str, layers: list[int]) -> PeftConfig:
     """peft's config for `options` confined to the blocks `layers` of a `model_type` model."""
-    spec = arch_spec(model_type)
-    if options.method == "bitfit":
-        raise OffsiteError("`peft` bitfit trains the adapter blocks' biases; it has no peft config")
-    if options.method == "prompt":
-        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=options.virtual_tokens)
-    targets = _pattern(spec.blocks, layers, options.resolved(model_type).targets)
-    conv = "Conv1D" in spec.matmuls  # GPT-2 stores [in, out]
-    if options.method == "lora":
-        return LoraConfig(task_type="CAUSAL_LM", r=options.rank, lora_alpha=options.alpha,
-                          lora_dropout=options.dropout, target_modules=targets, fan_in_fan_out=conv)  # fmt: skip
-    if options.method == "ia3":
-        chosen = options.resolved(model_type).targets
-        ff = tuple(n for n in chosen if n in spec.peft.feedforward)
-        return IA3Config(task_type="CAUSAL_LM", target_modules=targets, fan_in_fan_out=conv,
-                         feedforward_modules=_pattern(spec.blocks, layers, ff) if ff else [])  # fmt: skip
-    return LNTuningConfig(task_type="CAUSAL_LM", target_modules=targets)
+    spec, method = arch_spec(model_type), method_of(options.method)
+    if method.config is None:
+        raise OffsiteError(
+            f"`peft` {options.method} trains the adapter blocks' {method.own_parameters}; it has no peft config"
+        )
+    chosen = options.resolved(model_type).targets
+    ff = tuple(n for n in chosen if n in spec.peft.feedforward)
+    where = Where(targets=_pattern(spec.blocks, layers, chosen),
+                  feedforward=_pattern(spec.blocks, layers, ff) if ff else [],
+                  fan_in_fan_out="Conv1D" in spec.matmuls)  # fmt: skip
+    return method.config(options, where)
 
 
 def _wrap(model: PreTrainedModel, config: PeftConfig):
@@ -197,7 +184,9 @@ def expected_delta_spec(options: PeftOptions, bundle: Bundle) -> TensorSpec:
         raise VerificationError(
             f"the adapter's PEFT options do not apply to the bundle's blocks ({str(e).splitlines()[0][:200]})"
         ) from None
-    if options.method == "prompt":  # peft would copy it to the CPU to save it: not on meta
+    if not method_of(
+        options.method
+    ).in_weights:  # a soft prompt: peft would copy it to the CPU to save it
         weight = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight
         return {"prompt_embeddings": (dtype_name(weight.dtype), tuple(weight.shape))}
     return spec_of(_to_full_names(get_peft_model_state_dict(peft_model), bundle))
@@ -233,24 +222,10 @@ def verify_delta(adapter: Adapter, bundle: Bundle) -> tuple[PeftOptions, dict[st
     expected = expected_delta_spec(options, bundle)
     check_spec(str(adapter.path), adapter.spec, expected)
     delta = load_checked(adapter.weights, expected)
-    if options.method == "lora":
-        _check_lora_products(adapter.path, options, delta)
+    check = method_of(options.method).check
+    if check is not None:
+        check(adapter.path, options, delta)
     return options, delta
-
-
-def _check_lora_products(where: Path, options: PeftOptions, delta: dict[str, torch.Tensor]) -> None:
-    """Each LoRA update (alpha / rank) B A must be finite: finite factors can still overflow."""
-    scale = options.alpha / options.rank
-    for name, a in delta.items():
-        if ".lora_A." not in name:
-            continue
-        b = delta.get(name.replace(".lora_A.", ".lora_B."))
-        if b is None:
-            continue
-        if not all_finite((b.float() @ a.float()) * scale):  # in float32, as a merge computes it
-            raise VerificationError(
-                f"{where}: the LoRA update of {name.replace('.lora_A.weight', '')} is not finite"
-            )
 
 
 def plug_delta(model: PreTrainedModel, options: PeftOptions, bundle: Bundle,
@@ -268,8 +243,10 @@ def plug_delta(model: PreTrainedModel, options: PeftOptions, bundle: Bundle,
 def merge_delta(model: PreTrainedModel, options: PeftOptions, bundle: Bundle,
                 delta: dict[str, torch.Tensor]) -> PreTrainedModel:  # fmt: skip
     """Fold a verified LoRA, IA3 or LN-tuning delta into the full model's weights."""
-    if options.method == "prompt":
-        raise OffsiteError("a soft prompt has no weights to fold in; keep it beside the model")
+    if not method_of(options.method).in_weights:
+        raise OffsiteError(
+            f"`peft` {options.method} has no weights to fold in; keep it beside the model"
+        )
     merged = plug_delta(model, options, bundle, delta).merge_and_unload()
     blocks = get_blocks(merged)
     for i in bundle.adapter_sources:

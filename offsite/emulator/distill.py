@@ -21,8 +21,9 @@ from offsite.emulator.build import build_emulator
 from offsite.emulator.plan import SplitPlan
 from offsite.errors import OffsiteError
 from offsite.models.architectures import get_blocks, hidden_of
+from offsite.training.config import StepInfo, TrainConfig
 from offsite.training.data import TokenData
-from offsite.training.loop import StepInfo, TrainConfig, make_accelerator, train
+from offsite.training.loop import make_accelerator, train
 
 DEFAULT_WEIGHT = 30.0
 

@@ -192,6 +192,21 @@ def _relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     ).mean()
 
 
+def _nudged(noise: float, x, teacher_input, span_blocks, i: int, gen) -> tuple:
+    """One perturbation, applied to what the block sees and to what the span sees: the block must
+    answer a nudged input as the span answers the same nudge (its Jacobian). (input, target)"""
+    delta = (
+        noise
+        * teacher_input.pow(2).mean(-1, keepdim=True).sqrt()
+        * torch.randn(x.shape, generator=gen)
+    )
+    with torch.no_grad():
+        target = teacher_input + delta
+        for b, call in span_blocks:
+            target = call[i].run(b, target)
+    return x + delta, target
+
+
 def fit_block(
     block,
     span_blocks,
@@ -221,18 +236,7 @@ def fit_block(
         i = step % len(inputs)
         x, target = inputs[i], targets[i]
         if cfg.noise:
-            # one perturbation, applied to what the block sees and to what the span sees: the block
-            # must answer a nudged input as the span answers the same nudge (its Jacobian)
-            delta = (
-                cfg.noise
-                * teacher_inputs[i].pow(2).mean(-1, keepdim=True).sqrt()
-                * torch.randn(x.shape, generator=gen)
-            )
-            x = x + delta
-            with torch.no_grad():
-                target = teacher_inputs[i] + delta
-                for b, call in span_blocks:
-                    target = call[i].run(b, target)
+            x, target = _nudged(cfg.noise, x, teacher_inputs[i], span_blocks, i, gen)
         if grads is None:
             loss = _relative_error(calls[i].run(block, x), target)
         else:  # and the gradient it passes down: what the bottom adapter receives

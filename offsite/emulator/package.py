@@ -10,10 +10,11 @@ from offsite.artefacts.signing import Signer
 from offsite.atomic import check_apart, check_output_dir
 from offsite.emulator.bundling import PackageSpec, bundle_manifest, package_emulator
 from offsite.emulator.recipe import make_emulator
+from offsite.emulator.recipe_file import recipe_record
 from offsite.emulator.streamed import package_streaming
 from offsite.models.architectures import num_blocks
 from offsite.models.loading import load_model, load_tokenizer
-from offsite.training.loop import StepInfo
+from offsite.training.config import StepInfo
 
 __all__ = ["PackageSpec", "bundle_manifest", "package", "package_emulator"]
 
@@ -37,6 +38,7 @@ def package(
     tokenizer = load_tokenizer(spec.model)
     plan = spec.plan(num_blocks(model.config))
     emulator, plan, record = make_emulator(model, tokenizer, plan, spec.recipe, on_step=on_step)
+    record["recipe"] = recipe_record(spec.recipe)
     return package_emulator(model, tokenizer, plan, spec.out, base_name=spec.model, overwrite=spec.overwrite,
                             signer=signer, extra={"emulator_recipe": record, **(extra or {})},
                             emulator=emulator)  # fmt: skip

@@ -16,8 +16,8 @@ from offsite.emulator.plan import SplitPlan
 from offsite.emulator.selection import STRATEGIES, block_stats, select_recorded
 from offsite.emulator.transfer import transfer_score
 from offsite.errors import OffsiteError
+from offsite.training.config import StepInfo, TrainConfig
 from offsite.training.data import TokenData, load_data, pad_id_of, split_validation
-from offsite.training.loop import StepInfo, TrainConfig
 
 # The owner's default public sample text for block selection: ~110 KB of WikiText-2 (CC BY-SA 3.0).
 PUBLIC_SAMPLE = Path(__file__).parent / "resources" / "public-sample.txt"

@@ -37,6 +37,7 @@ from offsite.emulator.build import check_plan_fits
 from offsite.emulator.bundling import PackageSpec, bundle_manifest
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.recipe import owner_sample
+from offsite.emulator.recipe_file import recipe_record
 from offsite.emulator.selection import select_recorded
 from offsite.errors import OffsiteError
 from offsite.models.architectures import block_prefix, num_blocks, set_blocks
@@ -89,6 +90,7 @@ def package_streaming(
         "selection": {"strategy": plan.strategy},
         "transfer_score": None,
         "streamed": NOT_MEASURED,
+        "recipe": recipe_record(r),
     }
     blockwise = sample = None
     if r.selection == "redundancy" or r.layerwise is not None:

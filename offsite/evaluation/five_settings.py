@@ -24,9 +24,10 @@ from offsite.atomic import write_bytes_atomic, write_json_atomic
 from offsite.emulator.package import package_emulator
 from offsite.emulator.plan import SplitPlan
 from offsite.evaluation.tasks import Task
+from offsite.training.config import StepInfo, TrainConfig
 from offsite.training.data import TokenData, pad_id_of
 from offsite.training.finetune import train_adapter
-from offsite.training.loop import StepInfo, TrainConfig, train
+from offsite.training.loop import train
 
 # The full-model ceiling's learning rate (README: 2e-4 beat 1e-3 and 1e-4 for full fine-tuning).
 FULL_LEARNING_RATE = 2e-4

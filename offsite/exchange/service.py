@@ -14,7 +14,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from offsite.artefacts.adapter import (
@@ -33,6 +32,7 @@ from offsite.atomic import atomic_directory, sha256_file
 from offsite.errors import OffsiteError
 from offsite.exchange.federation import check_round_adapter
 from offsite.exchange.home import OwnerHome
+from offsite.exchange.limits import ServiceLimits, check_stored, check_upload_quota
 from offsite.exchange.pki import cert_fingerprint
 from offsite.exchange.protocol import (
     ADAPTER_FILES,
@@ -57,36 +57,6 @@ def _upload_id(identity: str, bundle_id: str, files: list[dict]) -> str:
         [identity, bundle_id, sorted((f["name"], f["size"], f["sha256"]) for f in files)]
     )
     return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
-@dataclass(frozen=True)
-class ServiceLimits:
-    """What one server grants: calls at once (all callers, and per data owner), idle streams, staging."""
-
-    max_calls: int = 32  # concurrent RPCs in all (= worker threads); more are refused, not queued
-    max_calls_per_identity: int = 8  # so one data owner can never hold every worker
-    idle_stream_s: float = 60.0  # a Write stream that sends nothing this long is cancelled
-    max_open_uploads: int = 4  # per data owner
-    max_staged_bytes: int = 4 << 30  # per data owner: announced bytes of its open uploads
-    upload_ttl_s: float = 24 * 3600.0  # open uploads untouched this long are removed
-    max_stored_adapters: int = 64  # per data owner: verified adapters kept in the home
-    max_stored_bytes: int = 16 << 30  # per data owner: bytes of those adapters
-    recheck_s: float = 1.0  # a running stream re-checks its caller's revocation this often
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_calls_per_identity <= self.max_calls:
-            raise OffsiteError("max_calls_per_identity must be between 1 and max_calls")
-        if (
-            min(self.idle_stream_s, self.upload_ttl_s, self.recheck_s) <= 0
-            or min(
-                self.max_open_uploads,
-                self.max_staged_bytes,
-                self.max_stored_adapters,
-                self.max_stored_bytes,
-            )
-            < 1
-        ):
-            raise OffsiteError("service limits must be positive")
 
 
 class OwnerService:
@@ -203,8 +173,8 @@ class OwnerService:
         self.expire_uploads()
         existing = self.registry.upload(upload_id)
         if existing is None or existing["state"] == "expired":
-            self._check_quota(identity, sum(f["size"] for f in files))
-            self._check_stored(identity, sum(f["size"] for f in files))
+            check_upload_quota(self.registry, self.limits, identity, sum(f["size"] for f in files))
+            check_stored(self.registry, self.limits, identity, sum(f["size"] for f in files))
         self.registry.open_upload(upload_id, identity, bundle_id, files)
         if existing is not None and existing["state"] == "expired":  # started again from zero
             self.registry.set_upload_state(upload_id, "open")
@@ -226,33 +196,6 @@ class OwnerService:
             with self._locks_guard:
                 self._bundles[bundle_id] = cached
         return cached
-
-    def _check_quota(self, identity: str, size: int) -> None:
-        mine = [u for u in self.registry.uploads_in_state("open") if u["data_owner"] == identity]
-        if len(mine) >= self.limits.max_open_uploads:
-            raise Busy(
-                f"{identity} has {len(mine)} open uploads (limit {self.limits.max_open_uploads}); "
-                "finish one or wait until stale ones expire"
-            )
-        staged = sum(f["size"] for u in mine for f in u["files"])
-        if staged + size > self.limits.max_staged_bytes:
-            raise Busy(
-                f"{identity} would stage {staged + size} bytes (limit {self.limits.max_staged_bytes})"
-            )
-
-    def _check_stored(self, identity: str, size: int) -> None:
-        mine = [
-            a
-            for a in self.registry.adapters()
-            if a["data_owner"] == identity and a["status"] == "verified"
-        ]
-        if len(mine) >= self.limits.max_stored_adapters:
-            raise Busy(f"{identity} has {len(mine)} adapters stored with the owner (limit "
-                       f"{self.limits.max_stored_adapters}); ask the owner to remove some")  # fmt: skip
-        stored = sum(_folder_bytes(Path(a["path"])) for a in mine)
-        if stored + size > self.limits.max_stored_bytes:
-            raise Busy(f"{identity} would store {stored + size} bytes of adapters (limit "
-                       f"{self.limits.max_stored_bytes}); ask the owner to remove some")  # fmt: skip
 
     def expire_uploads(self, now: float | None = None) -> list[str]:
         """Remove open uploads untouched for longer than the limits allow; their ids."""
@@ -438,7 +381,3 @@ class OwnerService:
             verify_delta(adapter, bundle)
         else:
             verify_adapter_for_bundle(adapter, bundle, spec)
-
-
-def _folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else 0

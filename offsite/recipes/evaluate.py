@@ -18,8 +18,8 @@ from offsite.evaluation.specs import data_root, load_task
 from offsite.evaluation.tasks import Task, build_task, load_task_files
 from offsite.models.fingerprint import model_fingerprint
 from offsite.models.loading import DEFAULT_MODEL, load_model, load_tokenizer
+from offsite.training.config import StepInfo, TrainConfig
 from offsite.training.finetune import ADAPTER_LEARNING_RATE
-from offsite.training.loop import StepInfo, TrainConfig
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 from offsite.errors import OffsiteError
 from offsite.recipes.identity import credentials_of, signer_of, verified_bundle
 from offsite.recipes.remote import Remote, connected
+from offsite.training.config import StepInfo, TrainConfig
 from offsite.training.finetune import FinetuneJob, finetune_bundle
-from offsite.training.loop import StepInfo, TrainConfig
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from offsite.artefacts.bundle import Bundle
 from offsite.errors import OffsiteError
 from offsite.recipes.identity import credentials_of, signer_of
 from offsite.recipes.remote import Remote, connected
+from offsite.training.config import StepInfo, TrainConfig
 from offsite.training.finetune import FinetuneJob, finetune_bundle, round_schedule
-from offsite.training.loop import StepInfo, TrainConfig
 
 SCHEDULES = ("continue", "restart")
 
@@ -39,9 +39,11 @@ class JoinSpec:
             raise OffsiteError(f"`round_schedule` {self.round_schedule!r} unknown; choose one of {', '.join(SCHEDULES)}")  # fmt: skip
 
 
-def join_rounds(spec: JoinSpec, *, on_step: Callable[[StepInfo], None] | None = None) -> list[dict]:
+def join_rounds(spec: JoinSpec, *, on_step: Callable[[StepInfo], None] | None = None,
+                on_round: Callable[[int, int], None] | None = None) -> list[dict]:  # fmt: skip
     """Each round taken part in: its bundle, adapter and the owner's verdict (WORK/join.json
-    keeps them, so a restart carries on)."""
+    keeps them, so a restart carries on). `on_round(k, n)` hears round k (from 1) of the
+    federation's n as its training starts."""
     from offsite.transport.join import join
 
     creds = credentials_of(spec.credentials)
@@ -52,6 +54,9 @@ def join_rounds(spec: JoinSpec, *, on_step: Callable[[StepInfo], None] | None = 
 
     def train(bundle: Bundle, out: Path) -> Path:
         creds.check_bundle(bundle)  # signed by the owner we enrolled with, issued to us
+        federation = bundle.manifest.get("federation") or {}
+        if on_round is not None and isinstance(federation.get("round"), int):
+            on_round(federation["round"] + 1, federation.get("rounds", spec.rounds))
         cfg = (
             round_schedule(spec.train, bundle) if spec.round_schedule == "continue" else spec.train
         )

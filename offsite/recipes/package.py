@@ -8,7 +8,7 @@ from pathlib import Path
 
 from offsite.emulator.package import PackageSpec, package
 from offsite.errors import OffsiteError
-from offsite.training.loop import StepInfo
+from offsite.training.config import StepInfo
 
 
 def package_emulator(

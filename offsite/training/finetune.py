@@ -21,6 +21,7 @@ from offsite.artefacts.adapter import (
 )
 from offsite.artefacts.bundle import Bundle, check_bundle_model
 from offsite.artefacts.peft_delta import PeftOptions, attach, delta_state, full_config
+from offsite.artefacts.peft_methods import method_of
 from offsite.artefacts.signing import Signer
 from offsite.artefacts.tensorcheck import spec_bytes
 from offsite.atomic import check_apart, check_free_space, check_output_dir, check_writable
@@ -28,8 +29,9 @@ from offsite.errors import OffsiteError
 from offsite.models.architectures import get_blocks
 from offsite.training.allocator import limit_heap_growth
 from offsite.training.checkpoint import remove_checkpoints
+from offsite.training.config import StepInfo, TrainConfig
 from offsite.training.data import TokenData, load_data, pad_id_of, split_validation
-from offsite.training.loop import StepInfo, TrainConfig, make_accelerator, train
+from offsite.training.loop import make_accelerator, train
 from offsite.training.loss import causal_lm_of
 
 log = logging.getLogger(__name__)
@@ -77,11 +79,16 @@ def freeze_except_adapter(model: PreTrainedModel, bundle: Bundle, trained: str =
     return sum(p.numel() for p in trainable.values())
 
 
+def _own_parameters(peft: PeftOptions | None) -> str:
+    """Which of the adapter blocks' own parameters train: all of them, or a method's (BitFit's biases)."""
+    return "all" if peft is None else method_of(peft.method).own_parameters
+
+
 def make_trainable(model: PreTrainedModel, bundle: Bundle, peft: PeftOptions | None):
     """The emulator ready to train: the adapter blocks, or PEFT modules inside them, trainable.
     Returns (the model to train, which may be a PeftModel; the number of trainable parameters)."""
-    if peft is None or peft.method == "bitfit":
-        return model, freeze_except_adapter(model, bundle, "bias" if peft else "all")
+    if peft is None or not method_of(peft.method).modules:
+        return model, freeze_except_adapter(model, bundle, _own_parameters(peft))
     model = attach(model, peft, bundle.adapter_positions)
     return model, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -89,8 +96,8 @@ def make_trainable(model: PreTrainedModel, bundle: Bundle, peft: PeftOptions | N
 def trained_adapter(model, bundle: Bundle, peft: PeftOptions | None) -> tuple[dict, dict]:
     """What the data owner returns from a trained `make_trainable` model: (tensors keyed by the
     full model's names, the matching `save_adapter` keywords)."""
-    if peft is None or peft.method == "bitfit":
-        trained = "bias" if peft else "all"
+    if peft is None or not method_of(peft.method).modules:
+        trained = _own_parameters(peft)
         return extract_adapter(model, bundle, trained), {"trained": trained}
     return delta_state(model, bundle), {"peft": (peft.to_json(), full_config(peft, bundle))}
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from transformers import get_scheduler
 
@@ -30,107 +29,19 @@ from offsite.training.checkpoint import (
     read_checkpoint_state,
     save_checkpoint,
 )
+from offsite.training.config import StepInfo, TrainConfig
 from offsite.training.data import TokenData, collate
 from offsite.training.loss import (
-    CHUNK_TOKENS,
     LossFn,
     batch_nll,
     causal_lm_of,
     chunked_lm_loss,
     lm_loss,
 )
-from offsite.training.privacy import DPConfig, privatize, spent
+from offsite.training.precision import Precision, precision_for
+from offsite.training.privacy import privatize, spent
 
 log = logging.getLogger(__name__)
-
-SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
-PRECISIONS = ("no", "bf16", "fp16")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings; `max_steps` (optimizer steps) overrides `epochs` when set."""
-
-    epochs: int = 1
-    max_steps: int | None = None
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    mixed_precision: str = "no"
-    save_every: int = 50
-    eval_every: int = 0
-    dp: DPConfig | None = None  # DP-SGD (per-sample clipping + noise) for the whole run
-    # the loss over this many positions at a time (0: the model's own loss, full logits at once)
-    loss_chunk_tokens: int = CHUNK_TOKENS
-    gradient_checkpointing: bool = False  # recompute block activations in the backward pass
-    # this run is part i of n equal parts of one run: its learning-rate schedule and its batch order
-    # (federated rounds: round i continues where round i-1 left off, instead of restarting the
-    # warm-up and decay on the same first batches)
-    schedule_part: tuple[int, int] = (0, 1)
-
-    def __post_init__(self) -> None:
-        positive = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "grad_accum": self.grad_accum,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise OffsiteError(f"`{name}` must be at least 1 (got {value})")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise OffsiteError(f"`max_steps` must be at least 1 (got {self.max_steps})")
-        for name in ("learning_rate", "weight_decay", "max_grad_norm"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise OffsiteError(f"`{name}` must be a finite number (got {value})")
-        if not self.learning_rate > 0:
-            raise OffsiteError(f"`learning_rate` must be positive (got {self.learning_rate})")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise OffsiteError(
-                f"`weight_decay` and `max_grad_norm` must be >= 0 (got {self.weight_decay}, {self.max_grad_norm})"
-            )
-        if self.lr_scheduler not in SCHEDULES:
-            raise OffsiteError(
-                f"`lr_scheduler` {self.lr_scheduler!r} unknown; choose one of {', '.join(SCHEDULES)}"
-            )
-        if self.mixed_precision not in PRECISIONS:
-            raise OffsiteError(
-                f"`mixed_precision` {self.mixed_precision!r} unknown; choose one of {', '.join(PRECISIONS)}"
-            )
-        if min(self.warmup_steps, self.save_every, self.eval_every, self.loss_chunk_tokens) < 0:
-            raise OffsiteError(
-                "`warmup_steps`, `save_every`, `eval_every` and `loss_chunk_tokens` must be >= 0"
-            )
-        if (
-            isinstance(self.seed, bool)
-            or not isinstance(self.seed, int)
-            or not 0 <= self.seed < 2**63
-        ):
-            raise OffsiteError(
-                f"`seed` must be a whole number from 0 to 2**63 - 1 (got {self.seed})"
-            )
-        part, parts = self.schedule_part
-        if not 0 <= part < parts:
-            raise OffsiteError(f"schedule part {part} of {parts}: needs 0 <= part < parts")
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """Progress after one optimizer step (reported on the main process only)."""
-
-    step: int
-    max_steps: int
-    epoch: int
-    loss: float
-    learning_rate: float
-    tokens: int
-    tokens_per_s: float
-    val_perplexity: float | None = None
 
 
 def epoch_batches(n: int, cfg: TrainConfig, epoch: int, rank: int, world: int) -> list[list[int]]:
@@ -148,25 +59,20 @@ def _no_accelerator() -> bool:
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """An Accelerator for `cfg`, with a clear error where the hardware lacks the precision."""
-    shared = AcceleratorState._shared_state
-    if shared and shared.get("_mixed_precision") != cfg.mixed_precision:
-        # accelerate keeps one precision per process; a library runs several trainings in one
-        AcceleratorState._reset_state()
+    """The process's Accelerator, always in full precision (`precision.py`: each run applies its
+    own `mixed_precision`), checked against the hardware for `cfg`'s."""
     try:
         # accelerate sets up gloo across `torchrun` CPU processes only when told cpu=True
-        return Accelerator(
-            gradient_accumulation_steps=cfg.grad_accum,
-            mixed_precision=cfg.mixed_precision,
-            cpu=_no_accelerator(),
-        )
-    except (ValueError, RuntimeError) as e:
-        raise OffsiteError(
-            f"`mixed_precision` {cfg.mixed_precision}: {str(e).splitlines()[0]}"
-        ) from None
+        acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="no",
+                          cpu=_no_accelerator())  # fmt: skip
+    except (ValueError, RuntimeError) as e:  # e.g. an Accelerator of another precision made first
+        raise OffsiteError(f"accelerate: {str(e).splitlines()[0]}") from None
+    precision_for(cfg.mixed_precision, acc.device)
+    return acc
 
 
-def _validate(acc: Accelerator, model, data: TokenData, cfg: TrainConfig, pad_id: int) -> float:
+def _validate(acc: Accelerator, model, data: TokenData, cfg: TrainConfig, pad_id: int,
+              precision: Precision) -> float:  # fmt: skip
     model.eval()
     mine = data.examples[acc.process_index :: acc.num_processes]
     total = torch.zeros(2, device=acc.device)
@@ -176,7 +82,7 @@ def _validate(acc: Accelerator, model, data: TokenData, cfg: TrainConfig, pad_id
                 k: v.to(acc.device)
                 for k, v in collate(mine[i : i + cfg.batch_size], pad_id).items()
             }
-            with acc.autocast():
+            with precision.autocast():
                 nll, n = batch_nll(model, batch, cfg.loss_chunk_tokens)
             total += torch.stack([nll.float(), n.float()])
     total = acc.reduce(total, reduction="sum")
@@ -294,6 +200,10 @@ class _Context:
     run_key: dict
     keep_best: bool
     order_seed: int  # the batch order's seed (under DP a secret, kept only in local checkpoints)
+    precision: Precision
+    loss_fn: LossFn
+    trainable: list[torch.nn.Parameter]
+    on_step: Callable[[StepInfo], None] | None
 
 
 def _after_step(
@@ -304,7 +214,7 @@ def _after_step(
     if ctx.val_data is not None and (
         run.step == run.max_steps or (cfg.eval_every and run.step % cfg.eval_every == 0)
     ):
-        run.val_ppl = _validate(acc, model, ctx.val_data, cfg, ctx.pad_id)
+        run.val_ppl = _validate(acc, model, ctx.val_data, cfg, ctx.pad_id, ctx.precision)
         if ctx.keep_best:
             best.offer(acc.unwrap_model(model), run.step, run.val_ppl, acc.is_main_process)
     run.record(loss)
@@ -353,20 +263,40 @@ def train(
     order = replace(cfg, seed=_dp_order_seed(checkpoint_dir, run.step)) if cfg.dp else cfg
     model.train()
     model, optimizer = acc.prepare(model, optimizer)
-    ctx = _Context(acc, cfg, pad_id, val_data, checkpoint_dir, run_key, keep_best, order.seed)
+    precision = precision_for(cfg.mixed_precision, acc.device)
+    ctx = _Context(acc, cfg, pad_id, val_data, checkpoint_dir, run_key, keep_best, order.seed,
+                   precision, loss_fn, trainable, on_step)  # fmt: skip
+    _steps(ctx, run, train_data, per_epoch, model, optimizer, scheduler, best)
+    acc.wait_for_everyone()
+    if keep_best and best.state is not None:
+        best.restore(acc.unwrap_model(model))
+    summary = _summary(run, cfg, train_data, val_data, best if keep_best else None, acc.num_processes, per_epoch)  # fmt: skip
+    if private is not None:
+        acc.unwrap_model(model).remove_hooks()  # the caller's model is left without opacus's hooks
+        summary["differential_privacy"] = spent(cfg.dp, *private, run.step)
+    return summary
+
+
+def _steps(ctx: _Context, run: _Progress, data: TokenData, per_epoch: int, model, optimizer, scheduler,
+           best: BestWeights) -> None:  # fmt: skip
+    """The optimizer steps from `run.step` to `run.max_steps`."""
+    acc, cfg, precision = ctx.acc, ctx.cfg, ctx.precision
+    order = replace(cfg, seed=ctx.order_seed)
     losses: list[float] = []
     # part i of n of one schedule also continues its data: round i of a federation trains on the
     # batches after round i-1's, not on the same first ones again
     start = run.step + cfg.schedule_part[0] * run.max_steps
-    for epoch, micro, batch in _micro_batches(train_data, order, acc, start, per_epoch, pad_id):
+    for epoch, micro, batch in _micro_batches(data, order, acc, start, per_epoch, ctx.pad_id):
         if run.step >= run.max_steps:
             break
-        with acc.accumulate(model), acc.autocast():
-            loss = loss_fn(model, batch)
-            acc.backward(loss)
+        with acc.accumulate(model):
+            with precision.autocast():
+                loss = ctx.loss_fn(model, batch)
+            acc.backward(precision.scaled(loss))
             if acc.sync_gradients and cfg.max_grad_norm > 0 and cfg.dp is None:
-                acc.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            optimizer.step()
+                precision.unscale(optimizer)
+                acc.clip_grad_norm_(ctx.trainable, cfg.max_grad_norm)
+            precision.step(optimizer, acc.sync_gradients)
             optimizer.zero_grad(set_to_none=True)
         run.tokens += int(batch["attention_mask"].sum()) * acc.num_processes
         losses.append(float(loss.detach()))
@@ -377,16 +307,8 @@ def train(
         step_loss = float(acc.reduce(torch.tensor(sum(losses) / len(losses), device=acc.device), "mean"))  # fmt: skip
         losses = []
         _after_step(ctx, run, step_loss, model, optimizer, scheduler, best)
-        if on_step and acc.is_main_process:
-            on_step(run.info(epoch, scheduler.get_last_lr()[0]))
-    acc.wait_for_everyone()
-    if keep_best and best.state is not None:
-        best.restore(acc.unwrap_model(model))
-    summary = _summary(run, cfg, train_data, val_data, best if keep_best else None, acc.num_processes, per_epoch)  # fmt: skip
-    if private is not None:
-        acc.unwrap_model(model).remove_hooks()  # the caller's model is left without opacus's hooks
-        summary["differential_privacy"] = spent(cfg.dp, *private, run.step)
-    return summary
+        if ctx.on_step and acc.is_main_process:
+            ctx.on_step(run.info(epoch, scheduler.get_last_lr()[0]))
 
 
 def _resume(acc: Accelerator, checkpoint_dir: Path | None, resume: bool, run_key: dict, keep_best: bool,
