@@ -93,6 +93,8 @@ FLAGS = {
     "distill.batch_size": "--distill-batch-size",
     "distill.save_every": "--save-every",
     "distill.eval_every": "--distill-eval-every",
+    "layerwise": "--layerwise-steps",
+    "harmonizer": "--recipe",  # a stand-in kind of emulator is set in a recipe file
     "layerwise.steps": "--layerwise-steps",
     "layerwise.learning_rate": "--layerwise-lr",
     "layerwise.inputs": "--layerwise-inputs",

@@ -124,7 +124,7 @@ def _cast(value, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def _capture(
+def capture_spans(
     full: PreTrainedModel,
     data: TokenData,
     batch_size: int,
@@ -185,7 +185,7 @@ def _capture(
     return batches
 
 
-def _relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (
         (out.float() - target.float()).pow(2).mean(-1)
         / target.float().pow(2).mean(-1).clamp_min(1e-12)
@@ -238,13 +238,13 @@ def fit_block(
         if cfg.noise:
             x, target = _nudged(cfg.noise, x, teacher_inputs[i], span_blocks, i, gen)
         if grads is None:
-            loss = _relative_error(calls[i].run(block, x), target)
+            loss = relative_error(calls[i].run(block, x), target)
         else:  # and the gradient it passes down: what the bottom adapter receives
             x = x.detach().requires_grad_(True)
             out = calls[i].run(block, x)
             g_in, g_out = grads[i]
             (g,) = torch.autograd.grad(out, x, grad_outputs=g_out, create_graph=True)
-            loss = _relative_error(out, target) + cfg.grad_weight * _relative_error(g, g_in)
+            loss = relative_error(out, target) + cfg.grad_weight * relative_error(g, g_in)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(block.parameters(), 1.0)
         opt.step()
@@ -263,7 +263,7 @@ def fit_block(
 def advance_chain(block, calls, chain, targets) -> tuple[list[torch.Tensor], dict]:
     """The emulator's chain through the fitted `block`, and its error against the span's output."""
     chain = [calls[i].run(block, x) for i, x in enumerate(chain)]
-    error = sum(float(_relative_error(c, t)) for c, t in zip(chain, targets, strict=True))
+    error = sum(float(relative_error(c, t)) for c, t in zip(chain, targets, strict=True))
     return chain, {"chain_error": round(error / len(chain), 5)}
 
 
@@ -282,7 +282,7 @@ def distill_layerwise(
     sample = TokenData(data.examples[: cfg.max_sequences], data.source, data.sha256, data.mode)
     table = spans(plan)
     with _eager_attention(full, cfg.grad_weight > 0):  # masks captured for the kernel that trains
-        cache = _capture(full, sample, cfg.batch_size, table, grads=cfg.grad_weight > 0)
+        cache = capture_spans(full, sample, cfg.batch_size, table, grads=cfg.grad_weight > 0)
     emulator = build_emulator(full, plan)
     emulator.requires_grad_(False)
     order, full_blocks, emu_blocks = (

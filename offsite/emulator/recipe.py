@@ -11,11 +11,12 @@ from transformers import PreTrainedModel
 from offsite.emulator.build import build_emulator
 from offsite.emulator.compress import prune_magnitude, quantize_weights
 from offsite.emulator.distill import DEFAULT_WEIGHT, distill_emulator
+from offsite.emulator.harmonizer import HarmonizerConfig, fit_harmonizers
 from offsite.emulator.layerwise import LayerwiseConfig, distill_layerwise
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.selection import STRATEGIES, block_stats, select_recorded
 from offsite.emulator.transfer import transfer_score
-from offsite.errors import OffsiteError
+from offsite.errors import OffsiteError, spec_fields
 from offsite.training.config import StepInfo, TrainConfig
 from offsite.training.data import TokenData, load_data, pad_id_of, split_validation
 
@@ -37,6 +38,8 @@ class EmulatorRecipe:
     distill_weight: float = DEFAULT_WEIGHT
     # fit each kept block to its span (cheap; measured in the README's transfer study); None: off
     layerwise: LayerwiseConfig | None = field(default_factory=LayerwiseConfig)
+    # the other kind: kept blocks as they are, a small fitted stand-in per dropped run (harmonizer.py)
+    harmonizer: HarmonizerConfig | None = None
     block_size: int = 256
     val_fraction: float = 0.05
     prune: float = 0.0
@@ -48,6 +51,10 @@ class EmulatorRecipe:
         if self.selection not in STRATEGIES:
             raise OffsiteError(
                 f"`selection` {self.selection!r} unknown; choose one of {', '.join(STRATEGIES)}"
+            )
+        if self.harmonizer is not None and self.layerwise is not None:
+            raise OffsiteError(
+                "`harmonizer` and `layerwise` are two kinds of emulator; set `layerwise` to null to use stand-ins"
             )
         if self.distill_weight < 0:
             raise OffsiteError("`distill_weight` must be >= 0")
@@ -89,6 +96,9 @@ def make_emulator(
     scored = TokenData(held[:TRANSFER_SEQUENCES], sample.source, sample.sha256, sample.mode)
     score = lambda emu: transfer_score(full, emu, plan, scored, pad_id=pad_id_of(tokenizer))  # noqa: E731
     emulator, scored_as = None, None
+    if recipe.harmonizer is not None:  # kept blocks as they are, a stand-in per dropped run
+        with spec_fields("harmonizer"):
+            emulator, plan, record["harmonizer"] = fit_harmonizers(full, plan, sample, recipe.harmonizer)  # fmt: skip
     if recipe.layerwise is not None:
         fitted, record["layerwise"] = distill_layerwise(full, plan, sample, recipe.layerwise)
         emulator, scored_as = _better_of(

@@ -55,7 +55,7 @@ def why_not_streamed(spec: PackageSpec, source: Path) -> str | None:
     needs = [("`selection` similarity (it compares every block's outputs at once)", r.selection == "similarity"),
              ("layer-wise noise or gradient matching", lw is not None and bool(lw.noise or lw.grad_weight)),
              ("`distill_data`", r.distill_data is not None), ("`prune`", bool(r.prune)),
-             ("`quantize_bits`", r.quantize_bits is not None)]  # fmt: skip
+             ("`quantize_bits`", r.quantize_bits is not None), ("`harmonizer`", r.harmonizer is not None)]  # fmt: skip
     if not is_sharded_dir(source):
         return f"`model` {spec.model} is not a directory of safetensors files"
     if spec.dtype is not None:

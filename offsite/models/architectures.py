@@ -45,6 +45,24 @@ _FUSED_QKV_PEFT = PeftTargets(  # GPT-NeoX, BLOOM, Falcon
 
 
 @dataclass(frozen=True)
+class MlpLayout:
+    """Where a block's attention output and its MLP's matmuls are (paths inside the block), for
+    a stand-in block: attention silenced, an MLP of a few hidden units (`emulator/harmonizer.py`).
+    `fused`: how many matrices the MLP's input holds stacked along its outputs (gate and up: 2)."""
+
+    attention_out: tuple[str, ...]
+    mlp_in: tuple[str, ...]
+    mlp_out: tuple[str, ...]
+    fused: int = 1
+
+
+_LLAMA_MLP = MlpLayout(("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+_FUSED_QKV_MLP = MlpLayout(
+    ("self_attention.dense",), ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",)
+)
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """How one `config.model_type` lays out its blocks."""
 
@@ -57,6 +75,7 @@ class ArchSpec:
     # (nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out])
     matmuls: dict[str, int] = field(default_factory=lambda: {"Linear": 0})
     peft: PeftTargets = _LLAMA_PEFT
+    mlp: MlpLayout = _LLAMA_MLP
 
 
 _DECODER = ArchSpec(blocks="model.layers")
@@ -77,6 +96,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             linear=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
             ia3=("qkv_proj", "down_proj"),
         ),
+        mlp=MlpLayout(("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",), fused=2),
     ),
     "opt": ArchSpec(
         blocks="model.decoder.layers",
@@ -86,6 +106,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             feedforward=("fc2",),
             norms=("self_attn_layer_norm", "final_layer_norm"),
         ),
+        mlp=MlpLayout(("self_attn.out_proj",), ("fc1",), ("fc2",)),
     ),
     "gpt2": ArchSpec(
         blocks="transformer.h",
@@ -98,10 +119,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             feedforward=("mlp.c_proj",),
             norms=("ln_1", "ln_2"),
         ),
+        mlp=MlpLayout(("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
     ),
-    "gpt_neox": ArchSpec(blocks="gpt_neox.layers", peft=_FUSED_QKV_PEFT),
-    "bloom": ArchSpec(blocks="transformer.h", depth_attr="n_layer", peft=_FUSED_QKV_PEFT),
-    "falcon": ArchSpec(blocks="transformer.h", peft=_FUSED_QKV_PEFT),
+    "gpt_neox": ArchSpec(
+        blocks="gpt_neox.layers",
+        peft=_FUSED_QKV_PEFT,
+        mlp=replace(_FUSED_QKV_MLP, attention_out=("attention.dense",)),
+    ),
+    "bloom": ArchSpec(
+        blocks="transformer.h", depth_attr="n_layer", peft=_FUSED_QKV_PEFT, mlp=_FUSED_QKV_MLP
+    ),
+    "falcon": ArchSpec(blocks="transformer.h", peft=_FUSED_QKV_PEFT, mlp=_FUSED_QKV_MLP),
     "gptj": ArchSpec(
         blocks="transformer.h",
         depth_attr="n_layer",
@@ -111,6 +139,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             feedforward=("fc_out",),
             norms=("ln_1",),
         ),
+        mlp=MlpLayout(("attn.out_proj",), ("mlp.fc_in",), ("mlp.fc_out",)),
     ),
 }
 
