@@ -57,16 +57,21 @@ def from_data(cls: type[T], data: Any, where: str = "settings") -> T:
     return _build(cls, data, where, "")
 
 
-def load_yaml(cls: type[T], path: Path) -> T:
-    """A `cls` from the YAML file at `path` (an empty file: the defaults)."""
+def read_yaml(path: Path) -> Any:
+    """The YAML document in the file at `path` (an empty file: an empty mapping)."""
     path = Path(path)
+    if not path.is_file():
+        raise SettingsFileError(f"{path}: no such file")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SettingsFileError(f"{path}: no such file") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise SettingsFileError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return from_data(cls, {} if raw is None else raw, str(path))
+    return {} if raw is None else raw
+
+
+def load_yaml(cls: type[T], path: Path) -> T:
+    """A `cls` from the YAML file at `path` (an empty file: the defaults)."""
+    return from_data(cls, read_yaml(path), str(path))
 
 
 @functools.cache

@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
 from offsite.errors import OffsiteError
+from offsite.settings import read_yaml
 
 
 def add_config(parser: argparse.ArgumentParser) -> None:
@@ -34,14 +33,10 @@ def _config_path(argv: list[str]) -> str | None:
 
 def _load(path: str) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise OffsiteError(f"--config {p}: no such file")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise OffsiteError(f"--config {p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if data is None:
-        return {}
+        data = read_yaml(p)
+    except OffsiteError as e:
+        raise OffsiteError(f"--config {e}") from None
     if not isinstance(data, dict):
         raise OffsiteError(f"--config {p}: must be a mapping of option names to values")
     return data

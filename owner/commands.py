@@ -80,15 +80,12 @@ def _recipe(args: argparse.Namespace) -> EmulatorRecipe:
                                         inputs=args.layerwise_inputs, noise=args.layerwise_noise,
                                         max_sequences=args.layerwise_sequences,
                                         grad_weight=args.layerwise_grad_weight)  # fmt: skip
-    checkpoints = optional_path(args.checkpoint_dir) or (
-        Path(args.out + ".ckpt") if args.distill_data else None
-    )
     return EmulatorRecipe(
         selection="explicit" if args.emulator_blocks else args.selection,
         selection_data=optional_path(args.selection_data), layerwise=layerwise,
         distill_data=optional_path(args.distill_data), distill=distill, distill_weight=args.distill_weight,
         block_size=args.block_size, prune=args.prune, quantize_bits=args.quantize_bits,
-        checkpoint_dir=checkpoints, resume=args.resume,
+        checkpoint_dir=_checkpoint_dir(args, args.distill_data), resume=args.resume,
     )  # fmt: skip
 
 
@@ -103,11 +100,16 @@ def _recipe_from(args: argparse.Namespace) -> EmulatorRecipe:
     path = Path(args.recipe)
     data = {k: Path(v) for k, v in (("selection_data", args.selection_data), ("distill_data", args.distill_data)) if v}  # fmt: skip
     recipe = recipe_of_bundle(path, data) if path.is_dir() else replace(load_recipe(path), **data)
-    checkpoints = optional_path(args.checkpoint_dir) or (
-        Path(args.out + ".ckpt") if recipe.distill_data else None
-    )
     selection = "explicit" if args.emulator_blocks else recipe.selection
-    return replace(recipe, selection=selection, checkpoint_dir=checkpoints, resume=args.resume)
+    return replace(recipe, selection=selection, resume=args.resume,
+                   checkpoint_dir=_checkpoint_dir(args, recipe.distill_data))  # fmt: skip
+
+
+def _checkpoint_dir(args: argparse.Namespace, distill_data) -> Path | None:
+    """Where distillation checkpoints go: --checkpoint-dir, else OUT.ckpt when the recipe distils."""
+    return optional_path(args.checkpoint_dir) or (
+        Path(args.out + ".ckpt") if distill_data else None
+    )
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

@@ -30,7 +30,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from offsite.emulator.build import build_emulator
-from offsite.emulator.layerwise import advance_chain, capture_spans, relative_error
+from offsite.emulator.layerwise import (
+    advance_chain,
+    capture_spans,
+    cosine_adamw,
+    first_and_last,
+    relative_error,
+)
 from offsite.emulator.plan import SplitPlan
 from offsite.errors import OffsiteError
 from offsite.models.architectures import arch_spec, get_blocks
@@ -141,10 +147,7 @@ def _fit(
     block.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / cfg.steps))
-    )
+    opt, sched = cosine_adamw(params, cfg.learning_rate, cfg.steps)
     losses = []
     for step in range(cfg.steps):
         i = step % len(chain)
@@ -161,8 +164,7 @@ def _fit(
     block.requires_grad_(False)
     if block is not stored:
         stored.load_state_dict(block.state_dict())  # cast back
-    k = max(1, min(5, len(losses) // 4))
-    return sum(losses[:k]) / k, sum(losses[-k:]) / k
+    return first_and_last(losses)
 
 
 def fit_harmonizers(

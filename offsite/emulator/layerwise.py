@@ -192,6 +192,20 @@ def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     ).mean()
 
 
+def cosine_adamw(params, learning_rate: float, steps: int):
+    """AdamW without weight decay and a cosine decay to zero over `steps`: how a block is fitted."""
+    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps))
+    )
+
+
+def first_and_last(losses: list[float]) -> tuple[float, float]:
+    """The mean loss of a fit's first and last few steps (a quarter of them, at most 5)."""
+    k = max(1, min(5, len(losses) // 4))
+    return sum(losses[:k]) / k, sum(losses[-k:]) / k
+
+
 def _nudged(noise: float, x, teacher_input, span_blocks, i: int, gen) -> tuple:
     """One perturbation, applied to what the block sees and to what the span sees: the block must
     answer a nudged input as the span answers the same nudge (its Jacobian). (input, target)"""
@@ -227,10 +241,7 @@ def fit_block(
         block = copy.deepcopy(block).float()
     block.train()
     block.requires_grad_(True)
-    opt = torch.optim.AdamW(block.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / cfg.steps))
-    )
+    opt, sched = cosine_adamw(block.parameters(), cfg.learning_rate, cfg.steps)
     losses = []
     for step in range(cfg.steps):
         i = step % len(inputs)
@@ -255,8 +266,7 @@ def fit_block(
     block.eval()
     if block is not stored:
         stored.load_state_dict(block.state_dict())  # cast back
-    k = max(1, min(5, len(losses) // 4))
-    return sum(losses[:k]) / k, sum(losses[-k:]) / k
+    return first_and_last(losses)
 
 
 @torch.no_grad()

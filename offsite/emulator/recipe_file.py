@@ -58,9 +58,10 @@ def recipe_of_bundle(bundle_dir: Path, data: dict[str, Path] | None = None) -> E
             f"{bundle_dir}: its manifest records no recipe (made by an older version)"
         )
     recipe = from_data(EmulatorRecipe, record["settings"], f"{bundle_dir}/manifest.json")
-    given = {**{k: Path(f["name"]) for k, f in record.get("files", {}).items()}, **(data or {})}
+    files = record.get("files", {})
+    given = {**{k: Path(f["name"]) for k, f in files.items()}, **(data or {})}
     for name, path in given.items():
-        wanted = record.get("files", {}).get(name)
+        wanted = files.get(name)
         if wanted is None:
             raise OffsiteError(f"`{name}`: {bundle_dir} was made without one; leave it out")
         if not path.is_file():
