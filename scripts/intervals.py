@@ -37,9 +37,10 @@ def kept(iv: dict, floor: float) -> bool | None:
     return None if iv["low"] is None else iv["low"] >= floor
 
 
-def fmt(iv: dict, scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
-    """'72.1 [68.0, 76.2]%' style text for tables."""
-    f = lambda v: f"{scale * v:.{digits}f}"  # noqa: E731
+def fmt(iv: dict, scale: float = 1.0, digits: int = 1, unit: str = "", signed: bool = False) -> str:
+    """'72.1% [68.0, 76.2]' style text for tables; `signed` puts a sign on the mean (differences)."""
+    f = lambda v, sign="": f"{scale * v:{sign}.{digits}f}"  # noqa: E731
+    mean = f(iv["mean"], "+" if signed else "")
     if iv["low"] is None:
-        return f"{f(iv['mean'])}{unit} (n=1)"
-    return f"{f(iv['mean'])}{unit} [{f(iv['low'])}, {f(iv['high'])}]"
+        return f"{mean}{unit} (n=1)"
+    return f"{mean}{unit} [{f(iv['low'])}, {f(iv['high'])}]"

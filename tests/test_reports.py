@@ -67,6 +67,29 @@ def test_transfer_study_writes_rows_table_and_frontier(tmp_path, monkeypatch, ca
     transfer_study.main()
     again = [json.loads(line) for line in (tmp_path / "t" / "rows.jsonl").read_text().splitlines()]
     assert again[:2] == rows and [(r["recipe"], r["seed"]) for r in again[2:]] == [("drop", 4)]
+    # another adapter learning rate is another arm: measured, not skipped; a finished recipe builds nothing
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", argv[:-4] + ["--seeds", "3", "4", "--recipes", "drop", str(tmp_path / "lw.yaml"),
+                                                  "--learning-rate",
+                                                  "3e-4", "--out", str(tmp_path / "t")])  # fmt: skip
+    transfer_study.main()
+    again = [json.loads(line) for line in (tmp_path / "t" / "rows.jsonl").read_text().splitlines()]
+    assert [(r["recipe"], r["seed"], r["learning_rate"]) for r in again[3:]] == [
+        ("drop", 3, 3e-4),
+        ("drop", 4, 3e-4),
+        ("lw", 3, 3e-4),
+        ("lw", 4, 3e-4),
+    ]
+    compared = (tmp_path / "t" / "compare.md").read_text()
+    assert "| lw lr=3e-4 | layerwise lr=1e-3 |" not in compared, "no pair without the reference arm"
+    monkeypatch.setattr(sys, "argv", sys.argv + ["--reference", "drop lr=1e-3"])
+    capsys.readouterr()
+    transfer_study.main()
+    printed = capsys.readouterr().out
+    assert "[drop] every task and seed" in printed and "[lw] every task and seed" in printed
+    assert "built in" not in printed, "nothing left to measure: no emulator built"
+    compared = (tmp_path / "t" / "compare.md").read_text()
+    assert "| drop lr=3e-4 | drop lr=1e-3 | 3,4 |" in compared
     # earlier runs' rows, tabled and plotted together with nothing built
     rows_file = str(tmp_path / "t" / "rows.jsonl")
     argv = ["transfer_study", "--from-rows", rows_file, rows_file, "--out", str(tmp_path / "again")]
@@ -119,19 +142,50 @@ def test_realign_study_compares_a_kept_and_a_realigned_emulator(tmp_path, monkey
 
 def test_intervals_and_the_seed_summary():
     """Means over seeds with Student's t 95% intervals; a floor is kept only by the lower end."""
-    from scripts import transfer_study
+    from scripts import study_report
     from scripts.intervals import interval, kept, t95
 
     iv = interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(2) = 4.303
     assert iv["mean"] == 2.0 and abs(iv["high"] - 2.0 - 4.303 / 3**0.5) < 1e-9 and t95(40) == 1.96
     assert kept(interval([5.0]), 1.0) is None and kept(iv, -0.5) is True and kept(iv, 0.0) is False
     base = {"task": "sst2", "recipe": "layerwise", "metric": "accuracy", "steps": 200, "block_size": 256,
-            "full_zero_shot": 0.5, "full_finetuned": 0.9, "emulator_zero_shot": 0.5}  # fmt: skip
+            "full_zero_shot": 0.5, "full_finetuned": 0.9, "emulator_zero_shot": 0.5, "learning_rate": 1e-3}  # fmt: skip
     rows = [{**base, "seed": s, "plug_in": p, "emulator_finetuned": e, "gap_closed": (p - 0.5) / 0.4,
              "privacy_margin": p - e} for s, p, e in ((0, 0.80, 0.70), (1, 0.82, 0.80), (2, 0.78, 0.77))]  # fmt: skip
-    (s,) = transfer_study.summarize(rows)
-    assert s["seeds"] == [0, 1, 2] and s["budget"] == "200x4x256"
+    (s,) = study_report.summarize(rows)
+    assert (
+        s["seeds"] == [0, 1, 2] and s["budget"] == "200x4x256" and s["arm"] == "layerwise lr=1e-3"
+    )
     assert (
         abs(s["privacy_margin"]["mean"] - 0.0433) < 1e-3 and s["margin_kept"] is False
     )  # mean above 3 points, interval not
-    assert "| sst2 | layerwise | 200x4x256 | 0,1,2 |" in transfer_study.summary_table([s])
+    assert "| sst2 | layerwise lr=1e-3 | 200x4x256 | 0,1,2 |" in study_report.summary_table([s])
+
+
+def test_arms_are_compared_seed_by_seed():
+    """Another learning rate is another arm; its paired difference from the reference has a tight
+    interval where the two arms' own intervals overlap (the seeds move both alike)."""
+    from scripts import study_report
+
+    base = {"task": "sst2", "recipe": "layerwise", "metric": "accuracy", "steps": 200, "block_size": 256,
+            "full_zero_shot": 0.5, "full_finetuned": 0.9, "emulator_zero_shot": 0.5, "emulator_finetuned": 0.7}  # fmt: skip
+    rows = []
+    for lr, lift in ((1e-3, 0.0), (3e-4, 0.04)):
+        for seed, p in ((0, 0.60), (1, 0.80), (2, 0.70), (3, 0.75)):
+            plug = p + lift + 0.002 * seed
+            rows.append({**base, "learning_rate": lr, "seed": seed, "plug_in": plug,
+                         "gap_closed": (plug - 0.5) / 0.4, "privacy_margin": plug - 0.7})  # fmt: skip
+    rows.append(
+        {**rows[0], "recipe": "harmonizer", "seed": 9}
+    )  # no reference row for seed 9: no pair
+    arms = {s["arm"]: s for s in study_report.summarize(rows)}
+    assert set(arms) == {"layerwise lr=1e-3", "layerwise lr=3e-4", "harmonizer lr=1e-3"}
+    ref, other = arms["layerwise lr=1e-3"]["plug_in"], arms["layerwise lr=3e-4"]["plug_in"]
+    assert other["low"] < ref["high"], "the two arms' own intervals overlap"
+    (pair,) = study_report.compare(rows, "layerwise lr=1e-3")
+    assert pair["arm"] == "layerwise lr=3e-4" and pair["seeds"] == [0, 1, 2, 3]
+    assert abs(pair["plug_in"]["mean"] - 0.04) < 1e-9 and pair["plug_in"]["low"] > 0.03
+    assert abs(pair["gap_closed"]["mean"] - 0.1) < 1e-9
+    text = study_report.compare_table([pair])
+    row = "| sst2 | 200x4x256 | layerwise lr=3e-4 | layerwise lr=1e-3 | 0,1,2,3 | +4.0 pts ["
+    assert row in text and "| +10.0 pts [" in text, "signed, the gap closed in points of the gap"
