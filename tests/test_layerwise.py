@@ -170,3 +170,48 @@ def test_a_fitted_emulator_that_scores_worse_than_dropping_is_not_kept(
     x = torch.randint(3, VOCAB, (1, 8))
     with torch.no_grad():
         assert torch.equal(emulator(x).logits, build_emulator(full, plan)(x).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fit_carries_the_full_models_own_state_up_span_by_span(family, sample):
+    """The capture keeps one state per batch (what enters the middle) and each block's call; the
+    full model's state at every span's end is then recomputed from it, equal to its own forward's.
+    (Before, every span's entering and leaving state was cached: 26 copies of the sample's states
+    on SmolLM2, 15 GB at 1,000 sequences.)"""
+    from offsite.emulator.layerwise import capture_spans, through
+    from offsite.training.data import collate
+
+    full = tiny_model(family)
+    plan = make_plan(DEPTH, emulator_layers=2)
+    table = spans(plan)
+    cache = capture_spans(full, sample, 4, table, grads=False)
+    assert all(set(b) == {"in", "call"} and torch.is_tensor(b["in"]) for b in cache)
+    with torch.no_grad():
+        hidden = [full(**collate(sample.examples[i : i + 4], 0), output_hidden_states=True).hidden_states
+                  for i in range(0, len(sample), 4)]  # fmt: skip
+    teacher = [b["in"] for b in cache]
+    blocks = get_blocks(full)
+    for _, s, e in table:
+        assert all(torch.allclose(t, h[s], atol=1e-5) for t, h in zip(teacher, hidden, strict=True))
+        teacher = through(
+            [(blocks[i], [b["call"][i] for b in cache]) for i in range(s, e)], teacher
+        )
+
+
+def test_no_fit_uses_the_sequences_the_transfer_score_is_measured_on(tokenizer, tmp_path):
+    """A sample larger than the fit's `max_sequences` asks for: the last 8 sequences, on which the
+    transfer score decides between fitted and dropped, stay out of the fit."""
+    from offsite.emulator.harmonizer import HarmonizerConfig
+
+    path = tmp_path / "sample.txt"
+    path.write_text(CORPUS)
+    for kind in ({"layerwise": LayerwiseConfig(steps=1, max_sequences=10_000)},
+                 {"layerwise": None, "harmonizer": HarmonizerConfig(rank=2, steps=1, max_sequences=10_000)}):  # fmt: skip
+        recipe = EmulatorRecipe(selection_data=path, block_size=16, **kind)
+        n = len(text_data(CORPUS, tokenizer, 16, "corpus"))
+        assert n > 16
+        _, _, record = make_emulator(
+            tiny_model("llama"), tokenizer, make_plan(DEPTH, emulator_layers=2), recipe
+        )
+        fit = record.get("layerwise") or record["harmonizer"]
+        assert fit["sequences"] == n - 8

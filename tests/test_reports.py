@@ -189,3 +189,14 @@ def test_arms_are_compared_seed_by_seed():
     text = study_report.compare_table([pair])
     row = "| sst2 | 200x4x256 | layerwise lr=3e-4 | layerwise lr=1e-3 | 0,1,2,3 | +4.0 pts ["
     assert row in text and "| +10.0 pts [" in text, "signed, the gap closed in points of the gap"
+
+
+def test_every_built_in_study_recipe_reads():
+    """The study's recipe files are settings files: each one parses into its spec."""
+    from scripts import transfer_study
+
+    names = sorted(p.stem for p in transfer_study.RECIPES.glob("*.yaml"))
+    recipes = transfer_study.load_recipes(names)
+    assert {"drop", "layerwise", "harmonizer", "layerwise-1mb"} <= set(recipes)
+    assert recipes["layerwise-1mb"].recipe.layerwise.steps == 300
+    assert recipes["harmonizer"].recipe.layerwise is None

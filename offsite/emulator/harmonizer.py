@@ -36,6 +36,7 @@ from offsite.emulator.layerwise import (
     cosine_adamw,
     first_and_last,
     relative_error,
+    through,
 )
 from offsite.emulator.plan import SplitPlan
 from offsite.errors import OffsiteError
@@ -183,13 +184,14 @@ def fit_harmonizers(
     final = harmonized_plan(plan)
     emulator = build_emulator(full, final)
     emulator.requires_grad_(False)
-    order, blocks = list(final.emulator_order), get_blocks(emulator)
-    chain = [b["in"][table[0][1]] for b in cache]  # what enters the middle, batch by batch
-    report = []
+    order, blocks, full_blocks = list(final.emulator_order), get_blocks(emulator), get_blocks(full)
+    teacher = [b["in"] for b in cache]  # what enters the middle, batch by batch
+    chain, report = teacher, []
     for position, start, end in table:
         at = order.index(position)
         calls = [b["call"][position] for b in cache]
-        targets = [b["out"][end - 1] for b in cache]
+        targets = through([(full_blocks[i], [b["call"][i] for b in cache]) for i in range(start, end)], teacher)  # fmt: skip
+        teacher = targets  # the full model's state, carried up run by run
         row: dict = {"block": position, "span": [start, end - 1]}
         if position in stand_ins:
             below = blocks[at - 1] if at else blocks[at + 1]  # a block the bundle holds anyway

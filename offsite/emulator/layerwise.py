@@ -12,6 +12,12 @@ Much cheaper per step than end-to-end distillation (one block forward and backwa
 no teacher pass), and it aims at what the adapter learns from: the hidden states the top adapter
 receives and, through each block's Jacobian, the gradients the bottom adapter receives.
 
+Memory: the fit walks the middle span by span. One pass of the full model records how it calls
+each block and the state entering the middle; the full model's state is then carried up one span
+at a time (the span's output is the next span's input), beside the emulator's own chain, so the
+sample's states are held about three times over whatever the depth (gradient matching, which
+needs every span's gradients from one backward pass, also keeps those).
+
 Inputs: `teacher` trains every block on the full model's own hidden state entering its span
 (local: the block imitates the span as a function); `emulator` feeds each block what the already
 distilled blocks below it produce (the emulator's own chain), so each block also corrects the
@@ -131,7 +137,8 @@ def capture_spans(
     table: list[tuple[int, int, int]],
     grads: bool,
 ):
-    """Per batch: the states entering and leaving each span, every block's call, (`grads`) their gradients."""
+    """Per batch: the state entering the first span (`in`), every span block's call (`call`) and,
+    with `grads`, the LM-loss gradients entering and leaving each span (`gin`, `gout`)."""
     starts, ends = {s for _, s, _ in table}, {e - 1 for _, _, e in table}
     wanted = {i for _, s, e in table for i in range(s, e)}
     first = min(starts)
@@ -145,13 +152,14 @@ def capture_spans(
     def pre(i):
         def fn(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]
-            if grads and i == first:  # the graph starts here: nothing below needs a gradient
-                x = x.detach().requires_grad_(True)
-                args, kwargs = (
-                    ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
-                )
+            if i == first:
+                current["in"] = x.detach()
+                if grads:  # the graph starts here: nothing below needs a gradient
+                    x = x.detach().requires_grad_(True)
+                    args, kwargs = (
+                        ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+                    )
             if i in starts:
-                current.setdefault("in", {})[i] = x.detach()
                 keep_grad("gin", i, x)
             current.setdefault("call", {})[i] = BlockCall.of(args, kwargs)
             return args, kwargs
@@ -160,13 +168,12 @@ def capture_spans(
 
     def post(i):
         def fn(module, args, output):
-            current.setdefault("out", {})[i] = hidden_of(output).detach()
             keep_grad("gout", i, hidden_of(output))
 
         return fn
 
     handles = [blocks[i].register_forward_pre_hook(pre(i), with_kwargs=True) for i in wanted]
-    handles += [blocks[i].register_forward_hook(post(i)) for i in ends]
+    handles += [blocks[i].register_forward_hook(post(i)) for i in ends if grads]
     saved = {p: p.requires_grad for p in full.parameters()}
     full.requires_grad_(False)
     try:
@@ -183,6 +190,14 @@ def capture_spans(
         for p, flag in saved.items():
             p.requires_grad_(flag)
     return batches
+
+
+@torch.no_grad()
+def through(blocks: list[tuple[nn.Module, list[BlockCall]]], states: list[torch.Tensor]) -> list[torch.Tensor]:  # fmt: skip
+    """The states, batch by batch, through each (block, its call per batch) in turn."""
+    for block, calls in blocks:
+        states = [calls[j].run(block, x) for j, x in enumerate(states)]
+    return states
 
 
 def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -214,10 +229,7 @@ def _nudged(noise: float, x, teacher_input, span_blocks, i: int, gen) -> tuple:
         * teacher_input.pow(2).mean(-1, keepdim=True).sqrt()
         * torch.randn(x.shape, generator=gen)
     )
-    with torch.no_grad():
-        target = teacher_input + delta
-        for b, call in span_blocks:
-            target = call[i].run(b, target)
+    (target,) = through([(b, [call[i]]) for b, call in span_blocks], [teacher_input + delta])
     return x + delta, target
 
 
@@ -291,8 +303,7 @@ def distill_layerwise(
     t0 = time.perf_counter()
     sample = TokenData(data.examples[: cfg.max_sequences], data.source, data.sha256, data.mode)
     table = spans(plan)
-    with _eager_attention(full, cfg.grad_weight > 0):  # masks captured for the kernel that trains
-        cache = capture_spans(full, sample, cfg.batch_size, table, grads=cfg.grad_weight > 0)
+    grads = cfg.grad_weight > 0
     emulator = build_emulator(full, plan)
     emulator.requires_grad_(False)
     order, full_blocks, emu_blocks = (
@@ -300,9 +311,10 @@ def distill_layerwise(
         get_blocks(full),
         get_blocks(emulator),
     )
-    chain = [b["in"][table[0][1]] for b in cache]  # what enters the first span, batch by batch
-    with _eager_attention(emulator, cfg.grad_weight > 0):
-        report = _fit_spans(table, cache, chain, order, full_blocks, emu_blocks, cfg, gen, on_block)
+    # masks captured for the kernel that trains, and the full model's spans run with that kernel
+    with _eager_attention(full, grads), _eager_attention(emulator, grads):
+        cache = capture_spans(full, sample, cfg.batch_size, table, grads=grads)
+        report = _fit_spans(table, cache, order, full_blocks, emu_blocks, cfg, gen, on_block)
     emulator.eval()
     record = {"method": "layerwise", "steps_per_block": cfg.steps, "learning_rate": cfg.learning_rate,
               "batch_size": cfg.batch_size, "sequences": len(sample), "inputs": cfg.inputs, "noise": cfg.noise,
@@ -326,16 +338,18 @@ def _eager_attention(model: PreTrainedModel, needed: bool) -> Iterator[None]:
 
 
 def _fit_spans(
-    table, cache, chain, order, full_blocks, emu_blocks, cfg: LayerwiseConfig, gen, on_block
+    table, cache, order, full_blocks, emu_blocks, cfg: LayerwiseConfig, gen, on_block
 ) -> list[dict]:
-    """Fit each kept block to its span in turn (the chain carries what the fitted blocks produce)."""
+    """Fit each kept block to its span in turn: `teacher` carries the full model's state up span by
+    span, `chain` what the fitted blocks produce."""
     report = []
+    teacher = [b["in"] for b in cache]  # what enters the first span, batch by batch
+    chain = teacher
     for n, (k, s, e) in enumerate(table):
         block = emu_blocks[order.index(k)]
-        inputs = [b["in"][s] for b in cache] if cfg.inputs == "teacher" else chain
         calls = [b["call"][k] for b in cache]
-        targets = [b["out"][e - 1] for b in cache]
         span_blocks = [(full_blocks[i], [b["call"][i] for b in cache]) for i in range(s, e)]
+        targets = through(span_blocks, teacher)
         trivial = e - s == 1 and cfg.inputs == "teacher" and not cfg.noise  # nothing dropped here
         first, last = (
             (0.0, 0.0)
@@ -343,8 +357,8 @@ def _fit_spans(
             else fit_block(
                 block,
                 span_blocks,
-                inputs,
-                [b["in"][s] for b in cache],
+                teacher if cfg.inputs == "teacher" else chain,
+                teacher,
                 calls,
                 targets,
                 cfg,
@@ -353,6 +367,7 @@ def _fit_spans(
             )
         )
         chain, row = advance_chain(block, calls, chain, targets)
+        teacher = targets
         report.append({"block": k, "span": [s, e - 1], "loss_first": round(first, 5), "loss_last": round(last, 5), **row})  # fmt: skip
         if on_block:
             on_block(n + 1, len(table))

@@ -87,20 +87,20 @@ def make_emulator(
     if recipe.selection in ("redundancy", "similarity"):
         plan = select_recorded(plan, recipe.selection, block_stats(full, sample), record)
     record["selection"].update(strategy=plan.strategy, kept=list(plan.kept))
-    # the transfer score is measured on sequences the layer-wise fit does not use
-    held = (
-        sample.examples[-TRANSFER_SEQUENCES:]
-        if len(sample) > 2 * TRANSFER_SEQUENCES
-        else sample.examples
+    # the transfer score is measured on the sample's last sequences, which no fit may use
+    split = (
+        len(sample) - TRANSFER_SEQUENCES if len(sample) > 2 * TRANSFER_SEQUENCES else len(sample)
     )
+    held = sample.examples[split:] or sample.examples
     scored = TokenData(held[:TRANSFER_SEQUENCES], sample.source, sample.sha256, sample.mode)
+    fit_on = TokenData(sample.examples[:split], sample.source, sample.sha256, sample.mode)
     score = lambda emu: transfer_score(full, emu, plan, scored, pad_id=pad_id_of(tokenizer))  # noqa: E731
     emulator, scored_as = None, None
     if recipe.harmonizer is not None:  # kept blocks as they are, a stand-in per dropped run
         with spec_fields("harmonizer"):
-            emulator, plan, record["harmonizer"] = fit_harmonizers(full, plan, sample, recipe.harmonizer)  # fmt: skip
+            emulator, plan, record["harmonizer"] = fit_harmonizers(full, plan, fit_on, recipe.harmonizer)  # fmt: skip
     if recipe.layerwise is not None:
-        fitted, record["layerwise"] = distill_layerwise(full, plan, sample, recipe.layerwise)
+        fitted, record["layerwise"] = distill_layerwise(full, plan, fit_on, recipe.layerwise)
         emulator, scored_as = _better_of(
             build_emulator(full, plan), fitted, score, record["layerwise"]
         )
