@@ -1,5 +1,15 @@
 #!/bin/sh
-# the utility page's realistic command, bf16 autocast (this host has native bf16 / AMX)
-exec .venv/bin/python -m scripts.transfer_study --recipes layerwise --task tinyshakespeare --task sst2 \
-    --task arc-easy --task agnews --data-root ../shared/data --seeds 0 1 2 --steps 200 \
-    --block-size 256 --eval-limit 1000 --mixed-precision bf16 --out runs/realistic
+# The utility page's realistic rows: each arm on four tasks over three seeds, 200 steps of 4x256 tokens,
+# bf16 autocast (this host has native bf16 / AMX). Run from the project root; needs ../shared/data.
+# Every arm appends to runs/realistic/rows.jsonl and shares the full-model ceilings in
+# runs/realistic/ceilings.json; a stopped run resumes from them (the rows it has are skipped).
+set -e
+run() {
+    .venv/bin/python -m scripts.transfer_study --task tinyshakespeare --task sst2 --task arc-easy \
+        --task agnews --data-root ../shared/data --seeds 0 1 2 --steps 200 --block-size 256 \
+        --eval-limit 1000 --mixed-precision bf16 --out runs/realistic "$@"
+}
+run --recipes layerwise                         # the default: adapter learning rate 1e-3
+run --recipes layerwise --learning-rate 3e-4    # the adapter's learning rate
+run --recipes harmonizer                        # the other kind of emulator
+run --recipes layerwise-1mb                     # a ten times larger owner sample for the fit
