@@ -115,7 +115,7 @@ def main() -> None:
         recipes.append(("layer-wise", {"layerwise": LayerwiseConfig(steps=a.layerwise_steps)}))
     if a.distill_data:
         recipes.append(("distilled", {"distill_data": Path(a.distill_data), "distill": distill}))
-    rows, full_ft = [], None
+    rows, full_ft = [], {}
     for k in a.kept:
         for name, options in recipes:
             recipe = EmulatorRecipe(
@@ -124,11 +124,11 @@ def main() -> None:
             emulator, plan, info = make_emulator(
                 full, tok, make_plan(num_blocks(full.config), emulator_layers=k), recipe
             )
-            # same task, same batches: the ceiling is measured once
+            # same task, same batches: the full model's zero-shot score and ceiling are measured once
             r = evaluate_offsite(full, tok, plan, emulator, task, cfg, full_finetune=not a.no_full_finetune,
-                                 full_learning_rate=a.full_learning_rate, ceiling=full_ft,
+                                 full_learning_rate=a.full_learning_rate, measured=full_ft,
                                  on_phase=lambda s, k=k: print(f"[kept {k}] {s}", flush=True))  # fmt: skip
-            full_ft = r["full_finetuned"]
+            full_ft = {k: r[k] for k in ("full_zero_shot", "full_finetuned") if r[k] is not None}
             rows.append(
                 {"kept": k, "recipe": name, "selection": a.selection, "emulator": info, **r}
             )

@@ -167,7 +167,8 @@ def main() -> None:
         sample, examples=sample.examples[64:80]
     )  # not the sequences layer-wise fits on
     ceilings = _Ceilings(out / "ceilings.json")
-    done = _done(out)
+    seen = _earlier_rows(out)
+    done = _done(seen)
     budget = f"steps={a.steps}|bs={a.batch_size}|block={a.block_size}|lr={a.full_learning_rate}|mp={a.mixed_precision}|n={a.eval_limit}"  # fmt: skip
     rows = []
     tasks = a.task or ["shakespeare"]
@@ -195,9 +196,12 @@ def main() -> None:
             cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch_size, learning_rate=a.learning_rate, warmup_steps=2,
                               save_every=0, seed=seed, mixed_precision=a.mixed_precision)  # fmt: skip
             key = f"{task.name}|seed={seed}|{budget}"
+            known = _measured(seen, (spec, list(plan.kept), score), name, seed, budget)
+            if ceilings.get(key) is not None:
+                known["full_finetuned"] = ceilings.get(key)
             t0 = time.perf_counter()
             r = evaluate_offsite(full, tok, plan, emulator, task, cfg, full_learning_rate=a.full_learning_rate,
-                                 ceiling=ceilings.get(key), on_phase=_phase(f"[{spec}] {name} seed {seed}"))  # fmt: skip
+                                 measured=known, on_phase=_phase(f"[{spec}] {name} seed {seed}"))  # fmt: skip
             ceilings.put(key, r["full_finetuned"])
             row = {"recipe": spec, "task_arg": name, "seed": seed, "budget": budget, "build_s": round(seconds, 1),
                    "run_s": round(time.perf_counter() - t0, 1), "batch_size": a.batch_size, "block_size": a.block_size,
@@ -205,6 +209,7 @@ def main() -> None:
                    "adapter": list(plan.adapter), "record": record,
                    **{k: v for k, v in r.items() if k != "curves"}}  # fmt: skip
             rows.append(row)
+            seen.append(row)
             with (out / "rows.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(table([row]).splitlines()[-1], flush=True)
@@ -216,14 +221,27 @@ def _phase(prefix: str):
     return lambda name: print(f"{time.strftime('%H:%M:%S')} {prefix}: {name}", flush=True)
 
 
-def _done(out: Path) -> set[tuple]:
-    """(recipe, task, seed, budget, adapter learning rate) of the rows an earlier run into `out`
-    measured: a rerun skips them."""
+def _done(rows: list[dict]) -> set[tuple]:
+    """(recipe, task, seed, budget, adapter learning rate) of the rows an earlier run measured:
+    a rerun skips them."""
     return {
         (r["recipe"], r["task_arg"], r["seed"], r["budget"], r["learning_rate"])
-        for r in _earlier_rows(out)
+        for r in rows
         if "budget" in r
     }
+
+
+def _measured(rows: list[dict], emulator: tuple, task: str, seed: int, budget: str) -> dict:
+    """What earlier rows measured that this one cannot change: the full model's zero-shot score on
+    the same task, items (seed) and budget, and the emulator's zero-shot score where the same
+    `emulator` was built: (recipe, kept blocks, transfer score) equal."""
+    out = {}
+    for r in rows:
+        if (r["task_arg"], r["seed"], r.get("budget")) == (task, seed, budget):
+            out["full_zero_shot"] = r["full_zero_shot"]
+            if (r["recipe"], r["kept"], r["transfer"]) == emulator:
+                out["emulator_zero_shot"] = r["emulator_zero_shot"]
+    return out
 
 
 def _earlier_rows(out: Path) -> list[dict]:

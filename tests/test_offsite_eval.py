@@ -50,10 +50,18 @@ def test_five_settings_on_a_tiny_model(precision, tokenizer, corpus_file, tmp_pa
     assert all(torch.equal(v, before[k]) for k, v in full.state_dict().items()), (
         "the full model is left as it was"
     )
-    if precision == "no":  # a known ceiling is used as it is, not measured again
+    if precision == "no":  # what was measured is used as it is, not measured again
+        known = {k: r[k] for k in ("full_zero_shot", "emulator_zero_shot", "full_finetuned")}
+        phases.clear()
         again = evaluate_offsite(full, tokenizer, plan, build_emulator(full, plan), task,
                                  TrainConfig(max_steps=4, batch_size=2, learning_rate=5e-3),
-                                 ceiling=r["full_finetuned"], on_phase=phases.append)  # fmt: skip
-        assert phases[-1] != "full-model fine-tuning" and "full_finetune" not in again["curves"]
-        assert again["full_finetuned"] == r["full_finetuned"]
+                                 measured=known, on_phase=phases.append)  # fmt: skip
+        assert phases == ["fine-tuning the adapter through the emulator",
+                          "emulator fine-tuned (data owner alone)", "plug-in (full model + adapter)"]  # fmt: skip
+        assert "full_finetune" not in again["curves"]
+        assert {k: again[k] for k in known} == known
+        assert again["details"]["full_zero_shot"] == {"reused": True}
         assert math.isclose(again["gap_closed"], r["gap_closed"])
+        with pytest.raises(ValueError, match="depend on the run"):
+            evaluate_offsite(full, tokenizer, plan, build_emulator(full, plan), task, TrainConfig(max_steps=1),
+                             measured={"plug_in": 1.0})  # fmt: skip

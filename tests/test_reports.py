@@ -16,15 +16,24 @@ def test_privacy_utility_sweep_writes_table_json_and_plot(tmp_path, corpus_file,
             "--kept", "1", "2", "--steps", "2", "--block-size", "16", "--eval-sequences", "4", "--out", str(tmp_path / "r"),
             "--distill-data", str(corpus_file), "--distill-steps", "2", "--layerwise-steps", "2"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
-    ceilings = []
-    original = Scoreboard.full_finetune
-    monkeypatch.setattr(
-        Scoreboard,
-        "full_finetune",
-        lambda self, *a, **k: ceilings.append(1) or original(self, *a, **k),
-    )
+    ceilings, zero_shots = [], []
+    original, score = Scoreboard.full_finetune, Scoreboard.score
+
+    def counted(self, *args, **kwargs):
+        if "full_finetuned" not in self.known:
+            ceilings.append(1)  # a real training run, not the measured ceiling passed on
+        return original(self, *args, **kwargs)
+
+    def scored(self, setting, model):
+        if setting == "full_zero_shot" and setting not in self.known:
+            zero_shots.append(1)
+        return score(self, setting, model)
+
+    monkeypatch.setattr(Scoreboard, "full_finetune", counted)
+    monkeypatch.setattr(Scoreboard, "score", scored)
     privacy_utility.main()
     assert len(ceilings) == 1, "the ceiling is measured once for the whole sweep"
+    assert len(zero_shots) == 1, "and so is the full model's zero-shot score"
     rows = json.loads((tmp_path / "r" / "report.json").read_text())
     assert [(r["kept"], r["recipe"]) for r in rows] == [
         (k, name) for k in (1, 2) for name in ("no distillation", "layer-wise", "distilled")
@@ -80,6 +89,12 @@ def test_transfer_study_writes_rows_table_and_frontier(tmp_path, monkeypatch, ca
         ("lw", 3, 3e-4),
         ("lw", 4, 3e-4),
     ]
+    # what another arm cannot change is measured once: the full model's score per seed, the emulator's
+    # per recipe and seed (the same build), and passed on to every later row
+    measured = lambda setting: [(r["recipe"], r["seed"]) for r in again if "reused" not in r["details"][setting]]  # noqa: E731  # fmt: skip
+    assert measured("full_zero_shot") == [("drop", 3), ("drop", 4)]
+    assert measured("emulator_zero_shot") == [("drop", 3), ("lw", 3), ("drop", 4), ("lw", 4)]
+    assert len({r["emulator_zero_shot"] for r in again if r["recipe"] == "drop"}) == 1
     compared = (tmp_path / "t" / "compare.md").read_text()
     assert "| lw lr=3e-4 | layerwise lr=1e-3 |" not in compared, "no pair without the reference arm"
     monkeypatch.setattr(sys, "argv", sys.argv + ["--reference", "drop lr=1e-3"])

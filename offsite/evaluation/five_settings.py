@@ -61,17 +61,34 @@ def derived(r: dict) -> dict:
     return out
 
 
+# what a run cannot change once the task, its items and batches are fixed: a study comparing
+# emulators or learning rates may measure these once and pass them in (`measured`)
+REUSABLE = ("full_zero_shot", "emulator_zero_shot", "full_finetuned")
+
+
 class Scoreboard:
-    """The five settings of one task as they are measured; `result()` adds the derived figures."""
+    """The five settings of one task as they are measured; `result()` adds the derived figures.
+
+    `measured`: settings already measured on this task (keys of REUSABLE), used as they are."""
 
     def __init__(
-        self, task: Task, tokenizer, on_phase: Callable[[str], None] | None = None
+        self,
+        task: Task,
+        tokenizer,
+        on_phase: Callable[[str], None] | None = None,
+        measured: dict[str, float] | None = None,
     ) -> None:
         self.task, self.tokenizer, self.phase = task, tokenizer, on_phase or (lambda name: None)
+        self.known = dict(measured or {})
+        if unknown := set(self.known) - set(REUSABLE):
+            raise ValueError(f"measured: {sorted(unknown)} depend on the run; only {REUSABLE} can be reused")  # fmt: skip
         self.r: dict = {"task": task.name, "metric": task.metric, "higher_is_better": task.higher_is_better,
                         "details": {}, "curves": {}, "full_finetuned": None}  # fmt: skip
 
     def score(self, setting: str, model: nn.Module) -> None:
+        if setting in self.known:  # measured before on the same items: not again
+            self.r[setting], self.r["details"][setting] = self.known[setting], {"reused": True}
+            return
         self.phase(LABELS[setting])
         out = self.task.score(model, self.tokenizer)
         self.r[setting] = out.pop("value")
@@ -79,6 +96,9 @@ class Scoreboard:
 
     def full_finetune(self, full: PreTrainedModel, train_data: TokenData, cfg: TrainConfig, on_step=None) -> None:  # fmt: skip
         """The ceiling: a copy of the full model fine-tuned on the same batches, then scored."""
+        if "full_finetuned" in self.known:
+            self.score("full_finetuned", full)
+            return
         self.phase("full-model fine-tuning")
         tuned = copy.deepcopy(full).float()  # float32 master weights, whatever the model's dtype
         tuned.requires_grad_(True)
@@ -100,7 +120,7 @@ def evaluate_offsite(
     *,
     full_finetune: bool = True,
     full_learning_rate: float | None = None,
-    ceiling: float | None = None,
+    measured: dict[str, float] | None = None,
     on_phase: Callable[[str], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     peft: PeftOptions | None = None,
@@ -111,11 +131,12 @@ def evaluate_offsite(
 
     `cfg` trains the adapter, and the full-model ceiling on the same batches but at
     `full_learning_rate` (default `cfg`'s): the two want different rates, and each should get its best.
-    `ceiling`: that ceiling as already measured on this task and these batches (a study comparing
-    emulators measures it once), used instead of fine-tuning the full model again.
+    `measured`: settings already measured on this task, its items and these batches (REUSABLE: the
+    full model's zero-shot and fine-tuned scores, and this emulator's zero-shot score), used as they
+    are instead of measured again: a study comparing emulators or learning rates measures each once.
     """
     full_cfg = replace(cfg, learning_rate=full_learning_rate or cfg.learning_rate)
-    board = Scoreboard(task, tokenizer, on_phase)
+    board = Scoreboard(task, tokenizer, on_phase, measured)
     train_data = task.train_data(tokenizer)
     board.score("full_zero_shot", full)
     board.score("emulator_zero_shot", emulator)
@@ -141,9 +162,7 @@ def evaluate_offsite(
         plug_adapter(plugged, state)
     board.score("plug_in", plugged)
     del plugged, student
-    if ceiling is not None:
-        board.r["full_finetuned"] = ceiling
-    elif full_finetune:
+    if full_finetune or "full_finetuned" in board.known:
         board.full_finetune(full, train_data, full_cfg, on_step)
     return board.result(steps=cfg.max_steps, train_examples=len(train_data), learning_rate=cfg.learning_rate,
                         full_learning_rate=full_cfg.learning_rate, peft=peft.to_json() if peft else None,
