@@ -13,3 +13,4 @@ run --recipes layerwise                         # the default: adapter learning 
 run --recipes layerwise --learning-rate 3e-4    # the adapter's learning rate
 run --recipes harmonizer                        # the other kind of emulator
 run --recipes layerwise-1mb                     # a ten times larger owner sample for the fit
+run --recipes layerwise-k9                      # a third of the middle kept: the frontier's privacy side
