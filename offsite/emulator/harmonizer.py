@@ -185,7 +185,7 @@ def fit_harmonizers(
     emulator = build_emulator(full, final)
     emulator.requires_grad_(False)
     order, blocks, full_blocks = list(final.emulator_order), get_blocks(emulator), get_blocks(full)
-    teacher = [b["in"] for b in cache]  # what enters the middle, batch by batch
+    teacher = [b.pop("in") for b in cache]  # what enters the middle (the cache lets go of it)
     chain, report = teacher, []
     for position, start, end in table:
         at = order.index(position)

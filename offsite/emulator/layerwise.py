@@ -343,7 +343,7 @@ def _fit_spans(
     """Fit each kept block to its span in turn: `teacher` carries the full model's state up span by
     span, `chain` what the fitted blocks produce."""
     report = []
-    teacher = [b["in"] for b in cache]  # what enters the first span, batch by batch
+    teacher = [b.pop("in") for b in cache]  # what enters the first span (the cache lets go of it)
     chain = teacher
     for n, (k, s, e) in enumerate(table):
         block = emu_blocks[order.index(k)]
