@@ -87,10 +87,17 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def compare(rows: list[dict], reference: str) -> list[dict]:
-    """Each arm minus the `reference` arm, seed by seed, on the tasks and budgets both ran: the
+def compare(rows: list[dict], references: list[str]) -> list[dict]:
+    """Each arm minus each reference arm, seed by seed, on the tasks and budgets both ran: the
     mean difference of the plug-in, the gap closed and the privacy margin with 95% intervals."""
     by: dict[tuple, dict] = {(r["task"], budget(r), arm(r), r.get("seed")): r for r in rows}
+    out = []
+    for reference in references:
+        out += _paired(by, reference)
+    return out
+
+
+def _paired(by: dict[tuple, dict], reference: str) -> list[dict]:
     out = []
     for task, b, name in sorted({(t, bb, a) for t, bb, a, _ in by if a != reference}):
         pairs = [(by[k], by[(task, b, reference, k[3])]) for k in by
@@ -218,12 +225,12 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     return cov / var if var else None
 
 
-def report(rows: list[dict], out: Path, reference: str) -> None:
+def report(rows: list[dict], out: Path, references: list[str]) -> None:
     """OUT/table.md (every run), OUT/summary.{md,json,png} (over seeds) and OUT/compare.md (paired
-    against `reference`), printed too."""
+    against each of `references`), printed too."""
     (out / "table.md").write_text(table(rows))
     plot(rows, out / "frontier.png")
-    summary, pairs = summarize(rows), compare(rows, reference)
+    summary, pairs = summarize(rows), compare(rows, references)
     (out / "summary.md").write_text(summary_table(summary))
     (out / "summary.json").write_text(
         json.dumps({"arms": summary, "paired": pairs}, indent=1) + "\n"

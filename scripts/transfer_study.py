@@ -15,7 +15,7 @@ every recipe x task once per seed (the batch order of every setting and the task
 An arm is a recipe at an adapter learning rate (`--learning-rate`); OUT/summary.md gives each
 arm x task's mean and 95% interval of the gap closed and the privacy margin (a floor counts as
 kept only when the interval's lower end keeps it), and OUT/compare.md each arm's per-seed
-difference from `--reference` with its interval (scripts/study_report.py). The full-model
+difference from each `--reference` arm with its interval (scripts/study_report.py). The full-model
 ceiling of each task and seed is kept in OUT/ceilings.json, so later runs into the same OUT
 (another recipe or learning rate) reuse it, and a run into an OUT that has some of its rows
 resumes: it skips them (and builds no emulator whose rows are all there). `--from-rows` tables
@@ -135,8 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="one seed (as --seeds SEED)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run each recipe x task once per seed: batch order and item sample (default 42)")  # fmt: skip
-    p.add_argument("--reference", default="layerwise lr=1e-3", metavar="ARM",
-                   help="the arm (recipe lr=RATE) that OUT/compare.md pairs every other arm with, seed by seed")  # fmt: skip
+    p.add_argument("--reference", nargs="+", default=["layerwise lr=1e-3"], metavar="ARM",
+                   help="the arms ('RECIPE lr=RATE') that OUT/compare.md pairs every other arm with, seed by seed")  # fmt: skip
     p.add_argument("--out", default="runs/transfer_study")
     p.add_argument("--from-rows", nargs="+", default=None, metavar="ROWS_JSONL",
                    help="build nothing: table and plot the rows of earlier runs (OUT/table.md, OUT/frontier.png)")  # fmt: skip

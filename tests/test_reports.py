@@ -97,7 +97,7 @@ def test_transfer_study_writes_rows_table_and_frontier(tmp_path, monkeypatch, ca
     assert len({r["emulator_zero_shot"] for r in again if r["recipe"] == "drop"}) == 1
     compared = (tmp_path / "t" / "compare.md").read_text()
     assert "| lw lr=3e-4 | layerwise lr=1e-3 |" not in compared, "no pair without the reference arm"
-    monkeypatch.setattr(sys, "argv", sys.argv + ["--reference", "drop lr=1e-3"])
+    monkeypatch.setattr(sys, "argv", sys.argv + ["--reference", "drop lr=1e-3", "lw lr=1e-3"])
     capsys.readouterr()
     transfer_study.main()
     printed = capsys.readouterr().out
@@ -105,6 +105,7 @@ def test_transfer_study_writes_rows_table_and_frontier(tmp_path, monkeypatch, ca
     assert "built in" not in printed, "nothing left to measure: no emulator built"
     compared = (tmp_path / "t" / "compare.md").read_text()
     assert "| drop lr=3e-4 | drop lr=1e-3 | 3,4 |" in compared
+    assert "| drop lr=3e-4 | lw lr=1e-3 | 3 |" in compared, "and with the second reference"
     # earlier runs' rows, tabled and plotted together with nothing built
     rows_file = str(tmp_path / "t" / "rows.jsonl")
     argv = ["transfer_study", "--from-rows", rows_file, rows_file, "--out", str(tmp_path / "again")]
@@ -197,7 +198,7 @@ def test_arms_are_compared_seed_by_seed():
     assert set(arms) == {"layerwise lr=1e-3", "layerwise lr=3e-4", "harmonizer lr=1e-3"}
     ref, other = arms["layerwise lr=1e-3"]["plug_in"], arms["layerwise lr=3e-4"]["plug_in"]
     assert other["low"] < ref["high"], "the two arms' own intervals overlap"
-    (pair,) = study_report.compare(rows, "layerwise lr=1e-3")
+    (pair,) = study_report.compare(rows, ["layerwise lr=1e-3"])
     assert pair["arm"] == "layerwise lr=3e-4" and pair["seeds"] == [0, 1, 2, 3]
     assert abs(pair["plug_in"]["mean"] - 0.04) < 1e-9 and pair["plug_in"]["low"] > 0.03
     assert abs(pair["gap_closed"]["mean"] - 0.1) < 1e-9

@@ -7,10 +7,12 @@ set -e
 run() {
     .venv/bin/python -m scripts.transfer_study --task tinyshakespeare --task sst2 --task arc-easy \
         --task agnews --data-root ../shared/data --seeds 0 1 2 --steps 200 --block-size 256 \
-        --eval-limit 1000 --mixed-precision bf16 --out runs/realistic "$@"
+        --eval-limit 1000 --mixed-precision bf16 --out runs/realistic \
+        --reference "layerwise lr=1e-3" "layerwise lr=3e-4" "$@"
 }
-run --recipes layerwise                         # the default: adapter learning rate 1e-3
-run --recipes layerwise --learning-rate 3e-4    # the adapter's learning rate
-run --recipes harmonizer                        # the other kind of emulator
-run --recipes layerwise-1mb                     # a ten times larger owner sample for the fit
-run --recipes layerwise-k9                      # a third of the middle kept: the frontier's privacy side
+run --recipes layerwise                                        # the old default, adapter lr 1e-3
+run --recipes layerwise --learning-rate 3e-4                   # the adapter's learning rate
+# the other arms at the adapter learning rate the two above chose (3e-4)
+run --recipes harmonizer --learning-rate 3e-4                  # the other kind of emulator
+run --recipes layerwise-1mb --learning-rate 3e-4               # a ten times larger owner sample
+run --recipes layerwise-k9 --learning-rate 3e-4                # a third of the middle kept
