@@ -186,6 +186,9 @@ def test_the_fit_carries_the_full_models_own_state_up_span_by_span(family, sampl
     table = spans(plan)
     cache = capture_spans(full, sample, 4, table, grads=False)
     assert all(set(b) == {"in", "call"} and torch.is_tensor(b["in"]) for b in cache)
+    # a call holds no block's input: the state the model passed (positionally or by name) is left out
+    held = [v for b in cache for c in b["call"].values() for v in (*c.args, *c.kwargs.values())]
+    assert all(not (torch.is_tensor(v) and v.shape == cache[0]["in"].shape) for v in held)
     with torch.no_grad():
         hidden = [full(**collate(sample.examples[i : i + 4], 0), output_hidden_states=True).hidden_states
                   for i in range(0, len(sample), 4)]  # fmt: skip

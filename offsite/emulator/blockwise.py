@@ -83,6 +83,7 @@ class BlockwiseModel:
         )
         self.base.eval()
         self._calls: dict[int, BlockCall] = {}
+        self._entering: torch.Tensor | None = None
 
     def _stored_state(self, module_name: str) -> Callable[[str], torch.Tensor]:
         return lambda name: load_tensor(self.stored[self.names[f"{module_name}.{name}"]])
@@ -91,6 +92,8 @@ class BlockwiseModel:
         if not args:
             args = (kwargs.pop("hidden_states"),)
         state = args[0][0] if isinstance(args[0], tuple) else args[0]
+        if index == 0:
+            self._entering = state
         self._calls[index] = BlockCall.of((state, *args[1:]), kwargs)
 
     @torch.no_grad()
@@ -104,7 +107,7 @@ class BlockwiseModel:
                 use_cache=False,
             )
         calls = [self._calls[i] for i in range(self.depth)]
-        return calls[0].args[0], calls
+        return self._entering, calls
 
     def block(self, index: int) -> nn.Module:
         """Block `index`, loaded from the files (frozen, eval mode)."""

@@ -106,8 +106,11 @@ class BlockCall:
 
     @classmethod
     def of(cls, args: tuple, kwargs: dict) -> BlockCall:
-        """The call as a forward pre-hook sees it, without the state and cache arguments."""
-        return cls(tuple(args), {k: v for k, v in kwargs.items() if k not in _NOT_PASSED})
+        """The call as a forward pre-hook sees it, without the state and cache arguments (a state
+        passed positionally leaves a None in its place: `run` puts the state it is given there, and
+        a call kept per block and batch must not hold every block's input)."""
+        kept = (None, *args[1:]) if args else ()
+        return cls(kept, {k: v for k, v in kwargs.items() if k not in _NOT_PASSED})
 
     def run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The block on `x`, every floating input (state, rotary tables, masks) in the block's dtype."""
