@@ -2,7 +2,9 @@
 # The utility page's realistic rows: each arm over three seeds, 200 steps of 4x256 tokens,
 # bf16 autocast (this host has native bf16 / AMX). Run from the project root; needs ../shared/data.
 # Every arm appends to runs/realistic/rows.jsonl and shares the full-model ceilings in
-# runs/realistic/ceilings.json; a stopped run resumes from them (the rows it has are skipped).
+# runs/realistic/ceilings.json; a stopped run resumes from them (the rows it has are skipped). To go on
+# from the committed rows: mkdir -p runs/realistic && cp docs/results/utility/rows.jsonl \
+#   docs/results/utility/ceilings.json runs/realistic/
 # An arm on four tasks takes 75-100 minutes on 2 cores; the arms run one at a time.
 set -e
 ALL="--task tinyshakespeare --task sst2 --task arc-easy --task agnews"
