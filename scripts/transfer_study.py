@@ -50,7 +50,8 @@ from offsite.models.loading import load_model, load_tokenizer
 from offsite.settings import load_yaml
 from offsite.training.config import PRECISIONS, TrainConfig
 from offsite.training.data import load_data, pad_id_of
-from scripts.study_report import read_rows, report, table
+from offsite.training.finetune import ADAPTER_LEARNING_RATE
+from scripts.study_report import lr_text, read_rows, report, table
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
 
@@ -127,7 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--block-size", type=int, default=None,
                    help="tokens per sequence (default 128 for text tasks, 256 for choice tasks)")  # fmt: skip
-    p.add_argument("--learning-rate", type=float, default=1e-3, help="the adapter's")
+    p.add_argument(
+        "--learning-rate", type=float, default=ADAPTER_LEARNING_RATE, help="the adapter's"
+    )
     p.add_argument("--full-learning-rate", type=float, default=2e-4)
     p.add_argument("--mixed-precision", choices=PRECISIONS, default="no")
     p.add_argument("--eval-limit", type=int, default=300)
@@ -135,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="one seed (as --seeds SEED)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run each recipe x task once per seed: batch order and item sample (default 42)")  # fmt: skip
-    p.add_argument("--reference", nargs="+", default=["layerwise lr=1e-3"], metavar="ARM",
+    p.add_argument("--reference", nargs="+", default=[f"layerwise lr={lr_text(ADAPTER_LEARNING_RATE)}"], metavar="ARM",
                    help="the arms ('RECIPE lr=RATE') that OUT/compare.md pairs every other arm with, seed by seed")  # fmt: skip
     p.add_argument("--out", default="runs/transfer_study")
     p.add_argument("--from-rows", nargs="+", default=None, metavar="ROWS_JSONL",

@@ -53,7 +53,7 @@ def test_transfer_study_writes_rows_table_and_frontier(tmp_path, monkeypatch, ca
         "adapter_bottom: 1\nadapter_top: 3\nrecipe: {layerwise: {steps: 3}}\n"
     )
     argv = ["transfer_study", "--model", str(tmp_path / "model"), "--recipes", "drop", str(tmp_path / "lw.yaml"),
-            "--steps", "2", "--seed", "3", "--out", str(tmp_path / "t")]  # fmt: skip
+            "--learning-rate", "1e-3", "--steps", "2", "--seed", "3", "--out", str(tmp_path / "t")]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     transfer_study.main()
     rows = [json.loads(line) for line in (tmp_path / "t" / "rows.jsonl").read_text().splitlines()]

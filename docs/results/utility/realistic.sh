@@ -13,7 +13,7 @@ run() {
         --block-size 256 --eval-limit 1000 --mixed-precision bf16 --out runs/realistic \
         --reference "layerwise lr=1e-3" "layerwise lr=3e-4" "$@"
 }
-run $ALL --recipes layerwise                                   # the old default, adapter lr 1e-3
+run $ALL --recipes layerwise --learning-rate 1e-3              # the old default
 run $ALL --recipes layerwise --learning-rate 3e-4              # the adapter's learning rate
 # the other arms at the adapter learning rate the two above chose (3e-4)
 run $ALL --recipes harmonizer --learning-rate 3e-4             # the other kind of emulator
