@@ -94,7 +94,7 @@ class BlockwiseModel:
         state = args[0][0] if isinstance(args[0], tuple) else args[0]
         if index == 0:
             self._entering = state
-        self._calls[index] = BlockCall.of((state, *args[1:]), kwargs)
+        self._calls[index] = BlockCall.of(args, kwargs)  # leaves the state out
 
     @torch.no_grad()
     def enter(self, batch: dict) -> tuple[torch.Tensor, list[BlockCall]]:
