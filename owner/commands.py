@@ -79,7 +79,8 @@ def _recipe(args: argparse.Namespace) -> EmulatorRecipe:
             layerwise = LayerwiseConfig(steps=args.layerwise_steps, learning_rate=args.layerwise_lr,
                                         inputs=args.layerwise_inputs, noise=args.layerwise_noise,
                                         max_sequences=args.layerwise_sequences,
-                                        grad_weight=args.layerwise_grad_weight)  # fmt: skip
+                                        grad_weight=args.layerwise_grad_weight,
+                                        gate=not args.layerwise_no_gate)  # fmt: skip
     return EmulatorRecipe(
         selection="explicit" if args.emulator_blocks else args.selection,
         selection_data=optional_path(args.selection_data), layerwise=layerwise,

@@ -140,6 +140,9 @@ def _add_layerwise(p) -> None:
                    help=f"weight of matching the gradient each span passes down (default {d.grad_weight})")  # fmt: skip
     g.add_argument("--layerwise-sequences", type=int, default=d.max_sequences,
                    help=f"sample sequences (of --block-size tokens) to fit on (default {d.max_sequences})")  # fmt: skip
+    g.add_argument("--layerwise-no-gate", action="store_true",
+                   help="keep the fitted blocks even where their transfer score is below the plain drop's "
+                        "(by default the better-scoring of the two is shipped)")  # fmt: skip
 
 
 def _add_distill(g) -> None:

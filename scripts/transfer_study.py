@@ -6,7 +6,7 @@
 A recipe is a YAML file (`StudyRecipe`): `adapter_bottom`, `adapter_top`, `emulator_layers` (the
 split) and `recipe`, an `EmulatorRecipe` as `owner package-emulator --recipe` reads it. A bare
 NAME is a built-in one, scripts/recipes/NAME.yaml (drop, layerwise, layerwise-teacher, harmonizer,
-layerwise-1mb, layerwise-k9); a row is named by the file's stem. Each recipe's emulator is built
+layerwise-1mb, layerwise-1mb-fitted, layerwise-k9); a row is named by the file's stem. Each recipe's emulator is built
 once (timed), scored by the owner-side transfer score, then run through the five settings on every
 task with the same batches; the full-model ceiling is measured once per task. Writes
 OUT/rows.jsonl (one row per recipe and task, appended as they finish), OUT/table.md, and prints

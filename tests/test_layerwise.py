@@ -146,9 +146,11 @@ def test_bad_layerwise_options(kwargs, message):
         LayerwiseConfig(**kwargs)
 
 
+@pytest.mark.parametrize("gate", [True, False])
 def test_a_fitted_emulator_that_scores_worse_than_dropping_is_not_kept(
-    tokenizer, corpus_file, monkeypatch
+    gate, tokenizer, corpus_file, monkeypatch
 ):
+    """The gate ships the plain drop where the fit scores worse; `gate: false` ships the fit."""
     from offsite.emulator import recipe as recipe_module
 
     def broken(full, plan, data, cfg):
@@ -161,15 +163,16 @@ def test_a_fitted_emulator_that_scores_worse_than_dropping_is_not_kept(
     monkeypatch.setattr(recipe_module, "distill_layerwise", broken)
     full = tiny_model("llama")
     recipe = EmulatorRecipe(
-        selection_data=corpus_file, block_size=16, layerwise=LayerwiseConfig(steps=1)
+        selection_data=corpus_file, block_size=16, layerwise=LayerwiseConfig(steps=1, gate=gate)
     )
     emulator, plan, record = make_emulator(
         full, tokenizer, make_plan(DEPTH, emulator_layers=2), recipe
     )
-    assert record["layerwise"]["kept"] == "dropped"
+    assert record["layerwise"]["kept"] == ("dropped" if gate else "fitted")
     x = torch.randint(3, VOCAB, (1, 8))
     with torch.no_grad():
-        assert torch.equal(emulator(x).logits, build_emulator(full, plan)(x).logits)
+        same = torch.equal(emulator(x).logits, build_emulator(full, plan)(x).logits)
+    assert same == gate
 
 
 @pytest.mark.parametrize("family", FAMILIES)

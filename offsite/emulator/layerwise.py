@@ -69,6 +69,9 @@ class LayerwiseConfig:
     noise: float = 0.0
     grad_weight: float = 0.0  # also match the LM-loss gradient each span passes down (its VJP)
     seed: int = 0
+    # keep the fitted blocks only if their transfer score beats the plain drop's (recipe.py); False
+    # keeps them always (the score, on 8 sequences, has judged the plug-in wrongly: utility.md)
+    gate: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.max_sequences < 1:

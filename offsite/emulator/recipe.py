@@ -101,9 +101,13 @@ def make_emulator(
             emulator, plan, record["harmonizer"] = fit_harmonizers(full, plan, fit_on, recipe.harmonizer)  # fmt: skip
     if recipe.layerwise is not None:
         fitted, record["layerwise"] = distill_layerwise(full, plan, fit_on, recipe.layerwise)
-        emulator, scored_as = _better_of(
-            build_emulator(full, plan), fitted, score, record["layerwise"]
-        )
+        if recipe.layerwise.gate:
+            emulator, scored_as = _better_of(
+                build_emulator(full, plan), fitted, score, record["layerwise"]
+            )
+        else:  # the owner keeps the fit whatever the score says
+            emulator = fitted
+            record["layerwise"].update(kept="fitted", gate=False)
     if recipe.distill_data is not None:
         emulator, record["distillation"] = _distil(full, tokenizer, plan, recipe, emulator, on_step)
         emulator = emulator.to(full.dtype)  # fitted in float32, kept in the model's dtype
