@@ -15,9 +15,13 @@ run() {
 }
 run $ALL --recipes layerwise --learning-rate 1e-3              # the old default
 run $ALL --recipes layerwise --learning-rate 3e-4              # the adapter's learning rate
-# the other arms at the adapter learning rate the two above chose (3e-4)
-run $ALL --recipes harmonizer --learning-rate 3e-4             # the other kind of emulator
-# a ten times larger owner sample, first on the two tasks where the default keeps both floors
-run --task tinyshakespeare --task arc-easy --recipes layerwise-1mb --learning-rate 3e-4
-run --task sst2 --task agnews --recipes layerwise-1mb --learning-rate 3e-4
-run $ALL --recipes layerwise-k9 --learning-rate 3e-4           # a third of the middle kept
+# the other arms at the adapter learning rate the two above chose (3e-4), in the order they were run
+run --task tinyshakespeare --task sst2 --recipes harmonizer --learning-rate 3e-4   # the other kind of emulator
+# a ten times larger owner sample; the transfer-score gate shipped the plain drop instead of the fit
+run --task tinyshakespeare --recipes layerwise-1mb --learning-rate 3e-4
+# depth: a third of the middle kept, first where half depth loses the margin floor
+run --task sst2 --task agnews --task tinyshakespeare --task arc-easy --recipes layerwise-k9 --learning-rate 3e-4
+# not run yet: the 1 MB fit itself (gate off), then the harmonizer's last two tasks
+run --task tinyshakespeare --task arc-easy --recipes layerwise-1mb-fitted --learning-rate 3e-4
+run $ALL --recipes harmonizer --learning-rate 3e-4
+run --task sst2 --task agnews --recipes layerwise-1mb-fitted --learning-rate 3e-4
