@@ -24,6 +24,6 @@ run --task sst2 --task agnews --task tinyshakespeare --task arc-easy --recipes l
 # the 1 MB fit itself (gate off), where the gate shipped the drop above
 run --task tinyshakespeare --recipes layerwise-1mb-fitted --learning-rate 3e-4
 run --task arc-easy --recipes harmonizer --learning-rate 3e-4
-# not run yet: the harmonizer's last task, the 1 MB fit's other three
 run --task agnews --recipes harmonizer --learning-rate 3e-4
-run --task arc-easy --task sst2 --task agnews --recipes layerwise-1mb-fitted --learning-rate 3e-4
+# not run yet: the 1 MB fit's other three tasks
+run --task arc-easy --task agnews --task sst2 --recipes layerwise-1mb-fitted --learning-rate 3e-4
