@@ -25,5 +25,6 @@ run --task sst2 --task agnews --task tinyshakespeare --task arc-easy --recipes l
 run --task tinyshakespeare --recipes layerwise-1mb-fitted --learning-rate 3e-4
 run --task arc-easy --recipes harmonizer --learning-rate 3e-4
 run --task agnews --recipes harmonizer --learning-rate 3e-4
-# not run yet: the 1 MB fit's other three tasks
-run --task arc-easy --task agnews --task sst2 --recipes layerwise-1mb-fitted --learning-rate 3e-4
+run --task arc-easy --task agnews --recipes layerwise-1mb-fitted --learning-rate 3e-4
+# not run yet: the 1 MB fit on SST-2
+run --task sst2 --recipes layerwise-1mb-fitted --learning-rate 3e-4
